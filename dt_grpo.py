@@ -1,0 +1,670 @@
+"""GRPO-DT: online finetuning of a Decision Transformer with pure RL gradients.
+
+A single-file reference implementation of Luo & Zhu (2026), arXiv 2601.00167. Read top to bottom:
+  1. the stochastic Decision Transformer (tanh-squashed Gaussian head, as in ODT),
+  2. lock-step rollouts of many "lanes" (anchor, branches, evaluation) with one forward per step,
+  3. the GRPO-DT loop: anchor rollout -> reset sampling -> sub-trajectory groups -> group advantage
+     -> sequence-level clipped ratio -> update.
+Offline pretraining of the same model lives in pretrain.py (it imports this file).
+Run: python dt_grpo.py --env-id Hopper-v4    (see README.md for every flag's role)
+"""
+
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+warnings.filterwarnings("ignore", message=".*is out of date.*")  # we use the -v4 envs on purpose (D4RL dynamics)
+
+
+@dataclass
+class Args:
+    exp_name: str = "dt_grpo"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy and every environment reset derive from it)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and a GPU is present, the model runs on it"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (imported only then)"""
+    wandb_project_name: str = "dt_grpo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, the first evaluation episode of every evaluation is saved as a GIF under `videos/`"""
+
+    # Algorithm specific arguments
+    env_id: str = "Hopper-v4"
+    """the id of the MuJoCo environment"""
+    checkpoint: Optional[str] = None
+    """pretrained checkpoint to finetune; default `checkpoints/<env-id>__random.pt`, pretrained first if missing"""
+    resume: Optional[str] = None
+    """path of a checkpoint written by this script: continue that run where it stopped"""
+    total_env_steps: int = 2_000_000
+    """budget of simulated steps (anchor + branches, evaluation not counted)"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of the online updates"""
+    target_rtg: Optional[float] = None
+    """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
+    eval_rtg: Optional[float] = None
+    """return-to-go of the deterministic evaluation; default: same as target-rtg"""
+    eval_every: int = 10
+    """evaluate (and checkpoint) every this many iterations"""
+    eval_episodes: int = 10
+    """number of deterministic evaluation episodes"""
+    group_size: int = 8
+    """G: branches per reset state (eq. A_i = (R_i - mean R) / std R is taken over them)"""
+    num_resets: int = 8
+    """M: reset states drawn along each anchor rollout (one group each)"""
+    l_traj: int = 8
+    """L_traj: sampled actions per branch (these enter the likelihood ratio)"""
+    l_eval: int = 400
+    """L_eval: mean-action steps that follow, to score the branch (rewards count in R_i)"""
+    reset_sampling: Literal["variance", "uniform"] = "variance"
+    """how reset states are drawn: with probability proportional to the action variance, or uniformly"""
+    ratio: Literal["sequence", "gspo", "token"] = "sequence"
+    """importance ratio: joint likelihood of the L_traj actions, its length-normalised (GSPO) form, or per action"""
+    clip_eps: float = 0.2
+    """PPO clip range of the ratio"""
+    relabel: bool = False
+    """if toggled, train on hindsight-relabelled (achieved) RTG tokens instead of the intended ones (ablation)"""
+    update_epochs: int = 4
+    """epochs over each iteration's branches"""
+    num_minibatches: int = 2
+    """minibatches per epoch"""
+    max_grad_norm: float = 0.5
+    """gradient-norm clip"""
+    ent_coef: float = 0.0
+    """weight of an entropy bonus (0 = pure RL, the paper's setting)"""
+    adv_eps: float = 1e-6
+    """delta in A_i = (R_i - mean R) / (std R + delta)"""
+    max_nonfinite: int = 10
+    """stop after this many consecutive updates with a non-finite loss"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers: normalized score, per-env defaults, environments, one-line errors
+# ---------------------------------------------------------------------------------------------------
+# D4RL reference returns (d4rl/infos.py): normalized = 100 * (R - random) / (expert - random)
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+DEFAULT_RTG = {"hopper": 3600.0, "halfcheetah": 6000.0, "walker2d": 5000.0, "ant": 5000.0}  # ODT/DT eval RTGs
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and what to do; printed as one line."""
+
+
+def robot(env_id: str) -> str:
+    return env_id.split("-")[0].lower()
+
+
+def normalized_score(env_id: str, episode_return):
+    """D4RL normalized score (x100); NaN for robots without reference scores."""
+    if robot(env_id) not in D4RL_REF_SCORES:
+        return float("nan") * np.asarray(episode_return, dtype=np.float64)
+    lo, hi = D4RL_REF_SCORES[robot(env_id)]
+    return 100.0 * (np.asarray(episode_return, dtype=np.float64) - lo) / (hi - lo)
+
+
+def default_rtg(env_id: str) -> float:
+    return DEFAULT_RTG.get(robot(env_id), 1000.0)
+
+
+def make_env(env_id: str, render_mode=None) -> gym.Env:
+    """A MuJoCo env with flat Box observations and actions, or a UserError saying why not."""
+    try:
+        env = gym.make(env_id, render_mode=render_mode)
+    except (gym.error.Error, ModuleNotFoundError, ImportError) as e:
+        raise UserError(f"cannot make env {env_id!r}: {e}. Use a MuJoCo id such as Hopper-v4, Walker2d-v4, "
+                        "HalfCheetah-v4 or Ant-v4.") from None
+    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+    obs_ok = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    if not (obs_ok and isinstance(env.action_space, gym.spaces.Box) and isinstance(env.unwrapped, MujocoEnv)):
+        env.close()
+        raise UserError(f"{env_id!r} is not a MuJoCo env with Box observations and actions; dt_grpo supports "
+                        "MuJoCo locomotion (Hopper-v4, Walker2d-v4, HalfCheetah-v4, Ant-v4).")
+    return env
+
+
+def die(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stochastic Decision Transformer
+# ---------------------------------------------------------------------------------------------------
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's bounds on the Gaussian's log-std
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; attention through F.scaled_dot_product_attention."""
+
+    def __init__(self, d: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):  # mask: (B, 1, N, N) bool, True = may attend
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, N, D)))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecisionTransformer(nn.Module):
+    """Tokens (R_1, s_1, a_1, R_2, ...) + absolute timestep embedding; actions are read from state tokens.
+
+    `valid` marks real steps: padded steps are never attended to, so a left-padded window of K steps gives
+    exactly the same outputs as the same steps without padding."""
+
+    def __init__(self, obs_dim, act_dim, embed_dim=128, n_layer=3, n_head=1, context_len=20, max_ep_len=1000,
+                 dropout=0.1):
+        super().__init__()
+        self.config = dict(obs_dim=obs_dim, act_dim=act_dim, embed_dim=embed_dim, n_layer=n_layer, n_head=n_head,
+                           context_len=context_len, max_ep_len=max_ep_len, dropout=dropout)
+        self.obs_dim, self.act_dim, self.context_len, self.max_ep_len = obs_dim, act_dim, context_len, max_ep_len
+        self.embed_t = nn.Embedding(max_ep_len, embed_dim)
+        self.embed_R, self.embed_s = nn.Linear(1, embed_dim), nn.Linear(obs_dim, embed_dim)
+        self.embed_a = nn.Linear(act_dim, embed_dim)
+        self.ln_in, self.drop = nn.LayerNorm(embed_dim), nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(embed_dim, n_head, dropout) for _ in range(n_layer))
+        self.ln_out = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, 2 * act_dim)  # mean and pre-squash log-std of the Gaussian
+        self.register_buffer("causal", torch.ones(3 * context_len, 3 * context_len).tril().bool(), persistent=False)
+
+    def forward(self, rtg, states, actions, timesteps, valid):
+        """rtg (B,T,1), states (B,T,obs), actions (B,T,act), timesteps (B,T) long, valid (B,T) bool, T <= K.
+        Returns mean and log_std (B,T,act) of the pre-tanh Gaussian at every state token."""
+        B, T, _ = states.shape
+        te = self.embed_t(timesteps)
+        tokens = torch.stack([self.embed_R(rtg) + te, self.embed_s(states) + te, self.embed_a(actions) + te], dim=2)
+        x = self.drop(self.ln_in(tokens.reshape(B, 3 * T, -1)))
+        keys_ok = valid.repeat_interleave(3, dim=1)[:, None, :]  # (B,1,3T)
+        eye = torch.eye(3 * T, dtype=torch.bool, device=x.device)  # a padded token sees itself: no empty rows
+        mask = (self.causal[: 3 * T, : 3 * T] & (keys_ok | eye))[:, None]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        mean, pre_std = self.head(self.ln_out(x)[:, 1::3]).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(pre_std) + 1)
+        return mean, log_std
+
+
+# Tanh-squashed diagonal Gaussian: a = tanh(u), u ~ N(mean, std). log pi(a) sums over action dimensions.
+def log_prob_pre_tanh(mean, log_std, u):
+    """log pi(tanh(u)) = log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter as 2(log 2 - u - softplus(-2u))."""
+    gauss = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)
+    return (gauss - 2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+
+
+def log_prob(mean, log_std, action, eps: float = 1e-6):
+    """log pi(a) for actions in [-1, 1]; clamped inside (-1, 1) so dataset actions at exactly +-1 stay finite."""
+    return log_prob_pre_tanh(mean, log_std, torch.atanh(action.clamp(-1 + eps, 1 - eps)))
+
+
+def sample_action(mean, log_std, generator=None):
+    return torch.tanh(mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=mean.device))
+
+
+def entropy_estimate(mean, log_std):
+    """One-sample, reparameterised estimate of H[pi] = -E log pi(a) (ODT's estimator)."""
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    return -log_prob_pre_tanh(mean, log_std, u)
+
+
+def build_model(cfg: dict) -> DecisionTransformer:
+    return DecisionTransformer(**cfg)
+
+
+def load_checkpoint(path: str, env_id: str, device="cpu") -> dict:
+    """Load a checkpoint from pretrain.py or dt_grpo.py and check that it was made for `env_id`."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} not found; run `python pretrain.py --env-id {env_id}` first.")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}); was it written by pretrain.py?") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "env_id" not in ckpt:
+        raise UserError(f"{path!r} is not a dt_grpo checkpoint; make one with `python pretrain.py`.")
+    if ckpt["env_id"] != env_id:
+        raise UserError(f"checkpoint {path!r} was made for {ckpt['env_id']}, not {env_id}; pass --env-id "
+                        f"{ckpt['env_id']} or a checkpoint for {env_id}.")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lock-step rollouts: B "lanes" (an env + the DT inputs it has seen) step together, one forward per step
+# ---------------------------------------------------------------------------------------------------
+class Normalizer:
+    def __init__(self, mean, std, act_low, act_high):
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.low, self.high = act_low, act_high
+
+    def obs(self, o):
+        return (np.asarray(o, np.float32) - self.mean) / self.std
+
+    def act(self, a):  # DT actions live in [-1, 1]; map them to the env's bounds
+        return self.low + 0.5 * (a + 1.0) * (self.high - self.low)
+
+
+@torch.no_grad()
+def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale, prefix=None,
+              generator=None, record_state=False, frames=None):
+    """Step B lanes in lock-step. Lane b starts at observation first_obs[b], DT timestep t0[b] and return-to-go
+    rtg0[b] (scaled); it samples its first `n_sample` actions from pi and then takes the mean action; it stops on
+    termination, after max_steps[b] steps, or at the episode's time limit (t0 + steps = max_ep_len).
+
+    The DT inputs live in buffers of K-1+S steps per lane: the first K-1 are the `prefix` (the context a branch
+    inherits from the anchor; padding for a fresh episode), step j sits at index K-1+j. The action at step j is
+    computed from the window [j, j+K) of that buffer: the update later recomputes it from the same window."""
+    device = next(model.parameters()).device
+    B, K, S = len(envs), model.context_len, int(max(max_steps))
+    buf = dict(
+        rtg=torch.zeros(B, K - 1 + S, 1, device=device),
+        states=torch.zeros(B, K - 1 + S, model.obs_dim, device=device),
+        actions=torch.zeros(B, K - 1 + S, model.act_dim, device=device),
+        timesteps=torch.zeros(B, K - 1 + S, dtype=torch.long, device=device),
+        valid=torch.zeros(B, K - 1 + S, dtype=torch.bool, device=device),
+    )
+    if prefix is not None:
+        for k in buf:
+            buf[k][:, : K - 1] = prefix[k]
+    rewards = np.zeros((B, S), np.float64)
+    logp = torch.zeros(B, max(n_sample, 1), device=device)
+    var = np.zeros((B, S), np.float32)
+    qpos, qvel = ([None] * S, [None] * S) if record_state else (None, None)
+    obs = np.asarray(first_obs, np.float32).copy()
+    rtg = torch.as_tensor(np.asarray(rtg0, np.float32), device=device)
+    t0, max_steps = np.asarray(t0), np.asarray(max_steps)
+    limit = np.minimum(max_steps, model.max_ep_len - t0)
+    active = limit > 0
+    length = np.zeros(B, np.int64)
+    for j in range(S):
+        lanes = np.flatnonzero(active)
+        if len(lanes) == 0:
+            break
+        idx = torch.as_tensor(lanes, device=device)
+        i = K - 1 + j
+        buf["states"][idx, i] = torch.as_tensor(norm.obs(obs[lanes]), device=device)
+        buf["rtg"][idx, i, 0] = rtg[idx]
+        buf["timesteps"][idx, i] = torch.as_tensor(np.minimum(t0[lanes] + j, model.max_ep_len - 1), device=device)
+        buf["valid"][idx, i] = True
+        if record_state:
+            qpos[j] = np.stack([envs[b].unwrapped.data.qpos.copy() for b in lanes])
+            qvel[j] = np.stack([envs[b].unwrapped.data.qvel.copy() for b in lanes])
+        win = {k: v[idx, j : j + K] for k, v in buf.items()}
+        mean, log_std = (x[:, -1] for x in model(win["rtg"], win["states"], win["actions"], win["timesteps"], win["valid"]))
+        if j < n_sample:
+            act = sample_action(mean, log_std, generator)
+            logp[idx, j] = log_prob(mean, log_std, act)
+        else:
+            act = torch.tanh(mean)
+        buf["actions"][idx, i] = act
+        var[lanes, j] = (2 * log_std).exp().mean(-1).cpu().numpy()
+        act_env = norm.act(act.cpu().numpy())
+        r = np.zeros(len(lanes))
+        for n, b in enumerate(lanes):  # the simulator has no batched step: one call per lane
+            obs[b], r[n], terminated, _, _ = envs[b].unwrapped.step(act_env[n])
+            active[b] = not terminated and j + 1 < limit[b]
+        rewards[lanes, j] = r
+        if frames is not None and lanes[0] == 0:  # --capture-video: lane 0 only
+            frames.append(envs[0].render())
+        length[lanes] += 1
+        rtg[idx] -= torch.as_tensor(r * reward_scale, dtype=torch.float32, device=device)
+    out = dict(buf=buf, rewards=rewards, length=length, logp=logp, var=var)
+    if record_state:  # lane 0 only is needed (the anchor): keep its per-step simulator state
+        out["qpos"] = np.stack([q[0] for q in qpos[: length[0]]])
+        out["qvel"] = np.stack([q[0] for q in qvel[: length[0]]])
+    return out
+
+
+def save_gif(frames, path, env):
+    """Write evaluation frames as a GIF (imageio ships with gymnasium[mujoco]; no ffmpeg needed)."""
+    import imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=1000 * env.unwrapped.dt)
+
+
+def reset_envs(envs, seeds):
+    return np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+
+
+def evaluate(model, envs, norm, reward_scale, eval_rtg, seed, frames=None):
+    """Deterministic evaluation: mean action, RTG starting at eval_rtg; all episodes in one lock-step batch."""
+    was_training = model.training
+    model.eval()
+    obs = reset_envs(envs, [seed + i for i in range(len(envs))])
+    n = len(envs)
+    out = run_lanes(model, envs, obs, np.full(n, eval_rtg * reward_scale), np.zeros(n, np.int64), 0,
+                    np.full(n, model.max_ep_len), norm, reward_scale, frames=frames)
+    model.train(was_training)
+    return out["rewards"].sum(1), out["length"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO-DT math, each piece a small function (tested in test_dt_grpo.py)
+# ---------------------------------------------------------------------------------------------------
+def sample_reset_indices(var, num, mode, rng: np.random.Generator):
+    """Active sampling (paper Sec. 3.4): draw `num` distinct anchor steps with probability proportional to the
+    policy's action variance (mean over action dims); `uniform` is the ablation. Fewer steps than `num`: take all."""
+    T = len(var)
+    if T <= num:
+        return np.arange(T)
+    p = None
+    if mode == "variance":
+        p = np.asarray(var, np.float64) + 1e-12
+        p = p / p.sum()
+    return np.sort(rng.choice(T, size=num, replace=False, p=p))
+
+
+def group_advantages(returns, eps=1e-6):
+    """GRPO advantage A_i = (R_i - mean_j R_j) / (std_j R_j + eps) within each group (rows); a group whose
+    branches all score the same gets exactly zero."""
+    returns = torch.as_tensor(returns, dtype=torch.float64)
+    centred = returns - returns.mean(dim=1, keepdim=True)
+    return (centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)).float()
+
+
+def policy_loss(new_logp, old_logp, mask, adv, clip_eps, ratio_mode):
+    """Clipped surrogate -mean min(rho A, clip(rho, 1-eps, 1+eps) A).
+    sequence: rho_i = exp(sum_t [log pi_new - log pi_old]) (joint likelihood of the branch's L_traj actions);
+    gspo:     rho_i = exp(mean_t [...]) (length-normalised, GSPO);   token: one rho per action (PPO).
+    Returns (loss, log-ratio per unit, ratio per unit, clipped fraction)."""
+    logratio = (new_logp - old_logp) * mask
+    if ratio_mode == "token":
+        unit_lr, unit_adv, weight = logratio, adv[:, None].expand_as(logratio), mask
+    else:
+        unit_lr = logratio.sum(1)
+        if ratio_mode == "gspo":
+            unit_lr = unit_lr / mask.sum(1).clamp(min=1)
+        unit_adv, weight = adv, torch.ones_like(adv)
+    ratio = unit_lr.clamp(max=20.0).exp()  # exp(20) ~ 5e8: far outside any clip range, and never inf
+    surrogate = torch.min(ratio * unit_adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * unit_adv)
+    loss = -(surrogate * weight).sum() / weight.sum()
+    clipped = (((ratio - 1).abs() > clip_eps).float() * weight).sum() / weight.sum()
+    return loss, unit_lr, ratio, clipped
+
+
+def windows(buf, n_steps, K):
+    """The K-step window that produced each of the first n_steps actions of every lane: (B*n_steps, K, ...)."""
+    out = {}
+    for k, v in buf.items():
+        w = v[:, : K - 1 + n_steps].unfold(1, K, 1)  # (B, n_steps, ..., K)
+        out[k] = w.movedim(-1, 2).reshape(-1, K, *v.shape[2:])
+    return out
+
+
+def relabel_rtg(buf_rtg, prefix_rewards, branch_rewards, reward_scale):
+    """Hindsight relabelling (ablation): replace every RTG token by the return the lane actually achieved from
+    that step to the end of what was simulated (prefix rewards from the anchor, then the branch's)."""
+    r = np.concatenate([prefix_rewards, branch_rewards], axis=1)
+    achieved = np.flip(np.cumsum(np.flip(r, 1), 1), 1) * reward_scale
+    return torch.as_tensor(achieved[:, : buf_rtg.shape[1], None].copy(), dtype=buf_rtg.dtype, device=buf_rtg.device)
+
+
+def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg, reset_seed, rng):
+    """Steps 1-4 of GRPO-DT under pi_theta_old: anchor rollout, reset sampling, groups, group advantages.
+    Returns everything the update needs (windows exactly as fed, actions, behaviour log-probs, advantages)."""
+    K, M, G, L = model.context_len, args.num_resets, args.group_size, args.l_traj
+    device = next(model.parameters()).device
+    # 1. Anchor rollout: sample from pi_theta_old; RTG tokens start at the target and fall by each scaled reward.
+    obs0 = reset_envs([anchor_env], [reset_seed])
+    anchor = run_lanes(model, [anchor_env], obs0, [target_rtg * scale], [0], model.max_ep_len, [model.max_ep_len],
+                       norm, scale, record_state=True)
+    T = int(anchor["length"][0])
+
+    # 2. Reset sampling (active sampling): prefer states where the policy's action variance is high.
+    starts = sample_reset_indices(anchor["var"][0, :T], M, args.reset_sampling, rng)
+    m = len(starts)
+
+    # 3. Sub-trajectory groups: restore simulator state (qpos, qvel) and DT context, run G branches from each
+    #    state: L_traj sampled actions, then L_eval mean actions. DT timesteps continue from the reset step.
+    lanes = np.repeat(starts, G)
+    envs = branch_envs[: m * G]
+    first_obs = np.zeros((m * G, model.obs_dim), np.float32)
+    for b, (env, t) in enumerate(zip(envs, lanes)):
+        env.unwrapped.set_state(anchor["qpos"][t], anchor["qvel"][t])
+        first_obs[b] = env.unwrapped._get_obs()
+    ab = anchor["buf"]
+    gather = torch.as_tensor(lanes[:, None] + np.arange(K - 1), device=device)
+    prefix = {k: v[0, gather] for k, v in ab.items()}  # anchor buffer slots of steps t-K+1 .. t-1
+    rtg_start = ab["rtg"][0, K - 1 + lanes, 0].cpu().numpy()  # the anchor's intended RTG at the reset step
+    branch = run_lanes(model, envs, first_obs, rtg_start, lanes, L, np.full(m * G, L + args.l_eval), norm, scale,
+                       prefix=prefix)
+
+    # 4. Group advantage: R_i = reward over the L_traj sampled + L_eval mean-action steps, normalised per group.
+    R = branch["rewards"].sum(1).reshape(m, G)
+    adv = group_advantages(R, args.adv_eps).reshape(-1).to(device)
+
+    win = windows(branch["buf"], L, K)  # the exact inputs that produced each sampled action
+    if args.relabel:  # 7. (ablation) hindsight relabelling: achieved returns replace the intended RTG tokens
+        pad = np.arange(K - 1) - (K - 1) + lanes[:, None]  # anchor step of each prefix slot (negative = padding)
+        prefix_r = np.where(pad >= 0, anchor["rewards"][0][np.maximum(pad, 0)], 0.0)
+        win["rtg"] = windows({"rtg": relabel_rtg(branch["buf"]["rtg"], prefix_r, branch["rewards"], scale)}, L, K)["rtg"]
+    return dict(win=win, actions=branch["buf"]["actions"][:, K - 1 : K - 1 + L],
+                mask=branch["buf"]["valid"][:, K - 1 : K - 1 + L].float(), old_logp=branch["logp"][:, :L], adv=adv, R=R,
+                starts=starts, first_obs=first_obs, anchor=anchor, branch=branch, anchor_len=T,
+                anchor_return=float(anchor["rewards"].sum()), env_steps=T + int(branch["length"].sum()))
+
+
+def recompute_log_prob(model, batch, rows):
+    """log pi_theta of the sampled actions of branches `rows`, from the same windows the rollout used: (n, L)."""
+    L = batch["actions"].shape[1]
+    flat = (rows[:, None] * L + torch.arange(L, device=rows.device)).reshape(-1)
+    w = batch["win"]
+    mean, log_std = (x[:, -1] for x in model(w["rtg"][flat], w["states"][flat], w["actions"][flat],
+                                              w["timesteps"][flat], w["valid"][flat]))
+    return log_prob(mean, log_std, batch["actions"][rows].reshape(-1, model.act_dim)).view(len(rows), L), mean, log_std
+
+
+def grpo_update(model, optimizer, batch, args):
+    """Steps 5-6: clipped surrogate with the sequence-level ratio, update_epochs x num_minibatches steps.
+    Returns per-step statistics and the number of steps skipped for a non-finite loss."""
+    device = next(model.parameters()).device
+    stats, n_bad = [], 0
+    n = batch["actions"].shape[0]
+    for epoch in range(args.update_epochs):
+        for mb in torch.randperm(n).to(device).chunk(args.num_minibatches):
+            new_logp, mean, log_std = recompute_log_prob(model, batch, mb)
+            loss, unit_lr, ratio, clipfrac = policy_loss(new_logp, batch["old_logp"][mb], batch["mask"][mb],
+                                                         batch["adv"][mb], args.clip_eps, args.ratio)
+            if args.ent_coef > 0:  # off by default: the paper's objective is pure RL
+                loss = loss - args.ent_coef * entropy_estimate(mean, log_std).mean()
+            if not torch.isfinite(loss):
+                n_bad += 1
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                kl = ((unit_lr.exp() - 1) - unit_lr).mean()  # k3 estimator of KL(old || new), per ratio unit
+                stats.append(torch.stack([loss.detach(), kl, clipfrac, ratio.max(), log_std.exp().mean()]))
+    return stats, n_bad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main: load (or first pretrain) the DT, then iterate the GRPO-DT loop
+# ---------------------------------------------------------------------------------------------------
+def default_checkpoint(env_id):
+    return os.path.join("checkpoints", f"{env_id}__random.pt")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    seed_everything(args.seed)
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering
+    probe = make_env(args.env_id)
+    if not hasattr(probe.unwrapped, "set_state"):
+        raise UserError(f"{args.env_id} cannot be reset to a stored state (no set_state); GRPO-DT's groups need it. "
+                        "Use the critic mode (--advantage critic, QGRPO) once it exists.")
+    probe.close()
+
+    # Load the pretrained DT (or the run to resume); pretrain first if the default checkpoint is missing.
+    state = None
+    if args.resume:
+        state = load_checkpoint(args.resume, args.env_id, device)
+        if "iteration" not in state:
+            raise UserError(f"{args.resume!r} is a pretraining checkpoint; pass it as --checkpoint, not --resume.")
+        ckpt = state
+    else:
+        path = args.checkpoint or default_checkpoint(args.env_id)
+        if args.checkpoint is None and not os.path.isfile(path):
+            print(f"no pretrained checkpoint at {path}: running the default pretraining first (pretrain.py)")
+            import pretrain
+
+            pretrain.main(pretrain.Args(env_id=args.env_id, seed=args.seed, cuda=args.cuda, output=path))
+        ckpt = load_checkpoint(path, args.env_id, device)
+    model = build_model(ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()  # dropout off: the rollout policy and the recomputed policy are the same function
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    scale = ckpt["reward_scale"]
+    target_rtg = args.target_rtg if args.target_rtg is not None else default_rtg(args.env_id)
+    eval_rtg = args.eval_rtg if args.eval_rtg is not None else target_rtg
+    iteration, env_steps, grad_steps, eval_env_steps, nonfinite = 0, 0, 0, 0, 0
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        iteration, env_steps, grad_steps = state["iteration"], state["env_steps"], state["grad_steps"]
+        eval_env_steps, run_name = state["eval_env_steps"], state["run_name"]
+        print(f"resuming {run_name} at iteration {iteration} ({env_steps} env steps)")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # Envs: one anchor lane, M*G branch lanes, one lane per evaluation episode. All stepped through env.unwrapped:
+    # we track the time limit ourselves (set_state does not touch gymnasium's TimeLimit counter).
+    M, G = args.num_resets, args.group_size
+    anchor_env = make_env(args.env_id)
+    branch_envs = [make_env(args.env_id) for _ in range(M * G)]
+    eval_envs = [make_env(args.env_id, render_mode="rgb_array" if args.capture_video else None)
+                 for _ in range(args.eval_episodes)]
+    space = anchor_env.action_space
+    norm = Normalizer(ckpt["obs_mean"], ckpt["obs_std"], space.low, space.high)
+    ckpt_path = os.path.join("runs", run_name, "checkpoint.pt")
+    meta = {k: ckpt[k] for k in ("model_config", "obs_mean", "obs_std", "env_id", "reward_scale", "data_source")}
+
+    def save():
+        atomic_save(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+                         env_steps=env_steps, grad_steps=grad_steps, eval_env_steps=eval_env_steps,
+                         run_name=run_name, args=asdict(args)), ckpt_path)
+
+    def evaluate_and_log():
+        nonlocal eval_env_steps
+        frames = [] if args.capture_video else None
+        returns, lengths = evaluate(model, eval_envs, norm, scale, eval_rtg, seed=10_000 * args.seed, frames=frames)
+        if frames:
+            save_gif(frames, os.path.join("videos", run_name, f"iter{iteration}.gif"), eval_envs[0])
+        eval_env_steps += int(lengths.sum())
+        score = normalized_score(args.env_id, returns)
+        for name, value in [("episodic_return", returns.mean()), ("episodic_return_std", returns.std()),
+                            ("normalized_score", score.mean()), ("episodic_length", lengths.mean()),
+                            ("eval_env_steps", eval_env_steps)]:
+            writer.add_scalar(f"eval/{name}", value, env_steps)
+        print(f"[eval] iter {iteration} env_steps {env_steps}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+              f"normalized {score.mean():.1f}, length {lengths.mean():.0f}", flush=True)
+
+    if iteration == 0:
+        evaluate_and_log()  # the pretrained model's score, before any update
+        save()
+    start_time, start_steps = time.time(), env_steps
+    while env_steps < args.total_env_steps:
+        iteration += 1
+        # Per-iteration seeding: a resumed run draws exactly what the uninterrupted run would have drawn.
+        seed_everything(args.seed * 1_000_003 + iteration)
+        rng = np.random.default_rng([args.seed, iteration])
+
+        batch = collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg,
+                               reset_seed=args.seed * 1_000_003 + iteration, rng=rng)
+        env_steps += batch["env_steps"]
+        stats, n_bad = grpo_update(model, optimizer, batch, args)
+        grad_steps += len(stats)
+        nonfinite = 0 if stats else nonfinite + n_bad
+        if n_bad:
+            writer.add_scalar("losses/nonfinite_skipped", n_bad, env_steps)
+        if nonfinite >= args.max_nonfinite:
+            raise UserError(f"{nonfinite} consecutive non-finite losses: training diverged; lower --learning-rate or "
+                            f"--clip-eps and resume from the last checkpoint ({ckpt_path}).")
+        R, T = batch["R"], batch["anchor_len"]
+
+        # Logging: x-axis = env steps (anchor + branches; evaluation steps are logged separately).
+        sps = (env_steps - start_steps) / (time.time() - start_time)
+        s = torch.stack(stats).mean(0).tolist() if stats else [float("nan")] * 5
+        rmax = torch.stack(stats)[:, 3].max().item() if stats else float("nan")
+        for name, value in [("charts/SPS", sps), ("charts/env_steps", env_steps), ("charts/grad_steps", grad_steps),
+                            ("charts/iteration", iteration), ("charts/anchor_return", batch["anchor_return"]),
+                            ("charts/anchor_length", T), ("charts/group_return_mean", R.mean()),
+                            ("charts/group_return_std", R.std(1).mean()), ("charts/action_std", s[4]),
+                            ("losses/policy_loss", s[0]), ("losses/approx_kl", s[1]), ("losses/clipfrac", s[2]),
+                            ("losses/ratio_max", rmax)]:
+            writer.add_scalar(name, value, env_steps)
+        print(f"iter {iteration} env_steps {env_steps} anchor_len {T} group_R {R.mean():.1f}+-{R.std(1).mean():.1f} "
+              f"loss {s[0]:.4f} kl {s[1]:.4f} clipfrac {s[2]:.2f} std {s[4]:.3f} SPS {sps:.0f}", flush=True)
+        if iteration % args.eval_every == 0 or env_steps >= args.total_env_steps:
+            evaluate_and_log()
+        save()  # every iteration: a killed run resumes (--resume) without losing a finished iteration
+    for env in [anchor_env, *branch_envs, *eval_envs]:
+        env.close()
+    writer.close()
+    print(f"done: {env_steps} env steps, {grad_steps} grad steps; checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted; the last checkpoint (written at each evaluation) can be resumed with --resume", 130)

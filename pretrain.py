@@ -1,0 +1,310 @@
+"""Offline data and offline pretraining of the stochastic Decision Transformer of dt_grpo.py.
+
+Data never come from the network: `--dataset random` (default) steps the env with uniform random actions and
+caches a D4RL-layout HDF5 file under data/; `--dataset PATH` reads a local D4RL v2 file or a Minari
+main_data.hdf5. Training is ODT's recipe: negative log-likelihood of the dataset actions plus a learned
+entropy temperature with target entropy -act_dim. The checkpoint is what dt_grpo.py finetunes.
+Run: python pretrain.py --env-id Hopper-v4
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+import dt_grpo
+from dt_grpo import UserError
+
+
+@dataclass
+class Args:
+    exp_name: str = "pretrain"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of data generation, batch sampling and model initialisation"""
+    cuda: bool = True
+    """if toggled and a GPU is present, train on it"""
+    env_id: str = "Hopper-v4"
+    """the id of the MuJoCo environment"""
+    dataset: str = "random"
+    """`random` (generate uniform-random-action data locally) or the path of a local D4RL v2 / Minari HDF5 file"""
+    dataset_steps: int = 200_000
+    """number of env steps of generated `random` data (D4RL's random datasets have 1M)"""
+    data_dir: str = "data"
+    """where generated datasets are cached"""
+    output: Optional[str] = None
+    """checkpoint path; default `checkpoints/<env-id>__<dataset>.pt`"""
+    context_len: int = 10
+    """K: steps of context the DT sees (ODT: 20; 10 halves the cost of every rollout step on a CPU)"""
+    embed_dim: int = 128
+    """transformer width"""
+    n_layer: int = 3
+    """transformer blocks"""
+    n_head: int = 1
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout during pretraining (the online loop runs the model without dropout)"""
+    max_ep_len: int = 1000
+    """largest DT timestep (the episode time limit)"""
+    reward_scale: float = 0.001
+    """returns-to-go are multiplied by this before they enter the model"""
+    num_steps: int = 2000
+    """gradient steps"""
+    batch_size: int = 64
+    """windows per batch"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate after warm-up"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    warmup_steps: int = 300
+    """linear learning-rate warm-up"""
+    max_grad_norm: float = 0.25
+    """gradient-norm clip"""
+    init_temperature: float = 0.1
+    """initial entropy temperature (lambda in ODT's Lagrangian)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of the temperature"""
+    eval_rtg: Optional[float] = None
+    """RTG of the final evaluation; default: per-env table (hopper 3600)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes at the end"""
+    log_every: int = 100
+    """print and log every this many steps"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Offline data: generation, readers, episodes
+# ---------------------------------------------------------------------------------------------------
+def generate_random_dataset(env_id, steps, seed, path):
+    """Uniform random actions for `steps` steps, episodes ending on terminated or truncated; saved in the D4RL v2
+    layout (flat arrays + infos/qpos, infos/qvel) so that the D4RL reader loads it back."""
+    env = dt_grpo.make_env(env_id)
+    env.action_space.seed(seed)
+    u = env.unwrapped
+    cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "qpos", "qvel")}
+    obs, _ = env.reset(seed=seed)
+    for i in range(steps):
+        cols["qpos"].append(u.data.qpos.copy())
+        cols["qvel"].append(u.data.qvel.copy())
+        act = env.action_space.sample()
+        nxt, r, terminated, truncated, _ = env.step(act)
+        truncated = truncated or i == steps - 1  # the collection budget ends the last episode
+        for k, v in zip(("observations", "actions", "rewards", "terminals", "timeouts"), (obs, act, r, terminated, truncated)):
+            cols[k].append(v)
+        obs = env.reset()[0] if terminated or truncated else nxt
+    env.close()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k in ("observations", "actions", "rewards"):
+                f[k] = np.asarray(cols[k], np.float32)
+            f["terminals"], f["timeouts"] = np.asarray(cols["terminals"], bool), np.asarray(cols["timeouts"], bool)
+            f["infos/qpos"], f["infos/qvel"] = np.asarray(cols["qpos"]), np.asarray(cols["qvel"])
+            f.attrs.update(env_id=env_id, seed=seed, generator="dt_grpo pretrain.py uniform random actions")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def split_episodes(obs, act, rew, ends, qpos=None, qvel=None):
+    """Flat arrays -> list of episode dicts; an episode ends where `ends` (terminal or timeout) is set; an
+    unfinished tail is kept as a (truncated) episode."""
+    cut = np.flatnonzero(ends) + 1
+    bounds = np.concatenate([[0], cut, [len(obs)]]) if (len(cut) == 0 or cut[-1] != len(obs)) else np.concatenate([[0], cut])
+    eps = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            ep = dict(observations=obs[a:b], actions=act[a:b], rewards=rew[a:b])
+            if qpos is not None:
+                ep["qpos"], ep["qvel"] = qpos[a:b], qvel[a:b]
+            eps.append(ep)
+    return eps
+
+
+def read_d4rl(f):
+    """D4RL v2 layout: flat `observations, actions, rewards, terminals, timeouts`, optional infos/qpos, infos/qvel."""
+    g = lambda k: f[k][()]  # noqa: E731
+    obs, act, rew = g("observations").astype(np.float32), g("actions").astype(np.float32), g("rewards").reshape(-1)
+    ends = g("terminals").reshape(-1).astype(bool) | (g("timeouts").reshape(-1).astype(bool) if "timeouts" in f else False)
+    qp, qv = (g("infos/qpos"), g("infos/qvel")) if "infos/qpos" in f and "infos/qvel" in f else (None, None)
+    return split_episodes(obs, act, rew.astype(np.float64), ends, qp, qv)
+
+
+def read_minari(f):
+    """Minari main_data.hdf5: one group `episode_<n>` per episode, `observations` has T+1 rows (the last one is
+    the final observation and is dropped)."""
+    names = sorted((k for k in f.keys() if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
+    eps = []
+    for name in names:
+        ep = f[name]
+        if not isinstance(ep["observations"], h5py.Dataset):
+            raise UserError(f"{name} has dict observations; only flat Box observations are supported.")
+        T = len(ep["actions"])
+        eps.append(dict(observations=ep["observations"][()][:T].astype(np.float32),
+                        actions=ep["actions"][()].astype(np.float32), rewards=ep["rewards"][()].astype(np.float64)))
+    return eps
+
+
+def load_hdf5(path, env_id):
+    """Read a local D4RL v2 or Minari file, check its dims against the env: list of episode dicts."""
+    if not os.path.isfile(path):
+        raise UserError(f"dataset {path!r} not found; pass a local D4RL/Minari .hdf5 file or --dataset random.")
+    if not h5py.is_hdf5(path):
+        raise UserError(f"{path!r} is not an HDF5 file; pass a D4RL v2 .hdf5 or a Minari main_data.hdf5.")
+    with h5py.File(path, "r") as f:
+        try:
+            if "observations" in f and "actions" in f:
+                eps = read_d4rl(f)
+            elif any(k.startswith("episode_") for k in f.keys()):
+                eps = read_minari(f)
+            else:
+                raise UserError(f"{path!r} has neither the D4RL layout (observations, actions, ...) nor Minari "
+                                "episode_<n> groups.")
+        except KeyError as e:
+            raise UserError(f"{path!r} lacks a required dataset ({e}); is it a complete D4RL/Minari file?") from None
+    if not eps:
+        raise UserError(f"{path!r} holds no transitions.")
+    env = dt_grpo.make_env(env_id)
+    want = (env.observation_space.shape[0], env.action_space.shape[0])
+    env.close()
+    have = (eps[0]["observations"].shape[1], eps[0]["actions"].shape[1])
+    if have != want:
+        raise UserError(f"{path!r} has obs/action dims {have} but {env_id} has {want}; pass the --env-id the data "
+                        "was collected on.")
+    return eps
+
+
+def load_dataset(args: Args):
+    """Episodes and a description of their source. `random` data are generated once and cached."""
+    if args.dataset == "random":
+        path = os.path.join(args.data_dir, f"{args.env_id}__random__{args.dataset_steps}__seed{args.seed}.hdf5")
+        if not os.path.isfile(path):
+            print(f"generating {args.dataset_steps} steps of uniform-random data for {args.env_id} -> {path}")
+            generate_random_dataset(args.env_id, args.dataset_steps, args.seed, path)
+        return load_hdf5(path, args.env_id), f"random:{path}"
+    return load_hdf5(args.dataset, args.env_id), f"file:{os.path.abspath(args.dataset)}"
+
+
+def returns_to_go(rewards, gamma=1.0):
+    """R_t = sum_{t' >= t} gamma^(t'-t) r_t' (ODT and DT use gamma = 1)."""
+    out, acc = np.zeros(len(rewards), np.float64), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = rewards[t] + gamma * acc
+        out[t] = acc
+    return out
+
+
+class WindowSampler:
+    """Random K-step windows: episodes drawn with probability proportional to their length, a uniform start
+    inside the episode; steps past the episode's end are padding (valid = False)."""
+
+    def __init__(self, eps, K, reward_scale, obs_mean, obs_std, max_ep_len, seed):
+        self.K, self.rng = K, np.random.default_rng(seed)
+        self.lens = np.array([len(e["rewards"]) for e in eps])
+        self.starts = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
+        self.obs = ((np.concatenate([e["observations"] for e in eps]) - obs_mean) / obs_std).astype(np.float32)
+        self.act = np.clip(np.concatenate([e["actions"] for e in eps]), -1, 1).astype(np.float32)
+        self.rtg = (np.concatenate([returns_to_go(e["rewards"]) for e in eps]) * reward_scale).astype(np.float32)
+        self.t = np.minimum(np.concatenate([np.arange(n) for n in self.lens]), max_ep_len - 1)
+
+    def sample(self, batch_size):
+        ep = self.rng.choice(len(self.lens), size=batch_size, p=self.lens / self.lens.sum())
+        offset = (self.rng.random(batch_size) * self.lens[ep]).astype(np.int64)[:, None] + np.arange(self.K)
+        valid = offset < self.lens[ep][:, None]
+        idx = self.starts[ep][:, None] + np.minimum(offset, self.lens[ep][:, None] - 1)
+        return dict(rtg=self.rtg[idx][..., None], states=self.obs[idx], actions=self.act[idx], timesteps=self.t[idx],
+                    valid=valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretraining: NLL + entropy temperature (ODT, anchors.md 3.2)
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    dt_grpo.seed_everything(args.seed)
+    env = dt_grpo.make_env(args.env_id)
+    output = args.output or os.path.join("checkpoints", f"{args.env_id}__{os.path.basename(args.dataset).split('.')[0]}.pt")
+    eps, source = load_dataset(args)
+    all_obs = np.concatenate([e["observations"] for e in eps])
+    obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-6
+    n_steps = sum(len(e["rewards"]) for e in eps)
+    ep_ret = np.array([e["rewards"].sum() for e in eps])
+    print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} (max {ep_ret.max():.1f})")
+    sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
+
+    cfg = dict(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
+               n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len, max_ep_len=args.max_ep_len,
+               dropout=args.dropout)
+    model = dt_grpo.build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    log_temp = torch.tensor(np.log(args.init_temperature), device=device, requires_grad=True)
+    temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
+    target_entropy = -cfg["act_dim"]
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    model.train()
+    t_start = time.time()
+    for step in range(1, args.num_steps + 1):
+        b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
+        mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
+        m = b["valid"].float()
+        nll = -(dt_grpo.log_prob(mean, log_std, b["actions"]) * m).sum() / m.sum()
+        entropy = (dt_grpo.entropy_estimate(mean, log_std) * m).sum() / m.sum()
+        # loss = NLL - lambda * H (lambda detached); temperature loss = lambda * (H - target).detach()
+        loss = nll - log_temp.exp().detach() * entropy
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        temp_loss = log_temp.exp() * (entropy - target_entropy).detach()
+        temp_optimizer.zero_grad()
+        temp_loss.backward()
+        temp_optimizer.step()
+        if step % args.log_every == 0 or step == args.num_steps:
+            sps = step / (time.time() - t_start)
+            for name, value in [("losses/nll", nll.item()), ("losses/entropy", entropy.item()),
+                                ("losses/temperature", log_temp.exp().item()), ("charts/grad_steps_per_s", sps)]:
+                writer.add_scalar(name, value, step)
+            print(f"step {step}/{args.num_steps} nll {nll.item():.3f} entropy {entropy.item():.2f} "
+                  f"temperature {log_temp.exp().item():.3f} ({sps:.1f} steps/s)", flush=True)
+
+    # Deterministic evaluation of the pretrained model (mean action, eval RTG).
+    eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
+    model.eval()
+    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.eval_episodes)]
+    norm = dt_grpo.Normalizer(obs_mean, obs_std, env.action_space.low, env.action_space.high)
+    returns, lengths = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
+    score = dt_grpo.normalized_score(args.env_id, returns)
+    print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
+          f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
+    writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
+    writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
+    dt_grpo.atomic_save(dict(model=model.state_dict(), model_config=cfg, args=asdict(args), obs_mean=obs_mean,
+                             obs_std=obs_std, env_id=args.env_id, reward_scale=args.reward_scale, data_source=source,
+                             eval_return=float(returns.mean())), output)
+    print(f"checkpoint written to {output}")
+    writer.close()
+    for e in [env, *envs]:
+        e.close()
+    return output
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        dt_grpo.die(str(e))

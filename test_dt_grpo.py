@@ -1,0 +1,477 @@
+"""Tests of dt_grpo.py and pretrain.py: the model, the math of GRPO-DT, the data readers, the error paths and
+end-to-end smoke runs on tiny budgets.  Run: python -m pytest -q"""
+
+import glob
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import dt_grpo
+import pretrain
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = ["--context-len", "5", "--embed-dim", "32", "--n-layer", "2", "--n-head", "2"]
+TINY_ONLINE = ["--group-size", "3", "--num-resets", "2", "--l-traj", "3", "--l-eval", "5", "--eval-episodes", "2",
+               "--eval-every", "1", "--update-epochs", "2", "--num-minibatches", "2"]
+
+
+def run(script, *argv, cwd, expect=0):
+    """Run a project script as a user would; returns the completed process."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == expect, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def assert_one_line_error(p, *words):
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0):
+    torch.manual_seed(seed)
+    return dt_grpo.DecisionTransformer(obs_dim, act_dim, embed_dim=32, n_layer=2, n_head=2, context_len=K,
+                                       max_ep_len=1000, dropout=0.0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny pretrained Hopper-v4 checkpoint made in-process (shared by the online tests)."""
+    d = tmp_path_factory.mktemp("ckpt")
+    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(d / "data"), output=str(d / "tiny.pt"),
+                         context_len=5, embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
+                         eval_episodes=2, log_every=10, cuda=False)
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        return pretrain.main(args)
+    finally:
+        os.chdir(cwd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+def rand_inputs(B=4, T=5, obs_dim=11, act_dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(rtg=torch.randn(B, T, 1, generator=g), states=torch.randn(B, T, obs_dim, generator=g),
+                actions=torch.rand(B, T, act_dim, generator=g) * 2 - 1,
+                timesteps=torch.randint(0, 1000, (B, T), generator=g), valid=torch.ones(B, T, dtype=torch.bool))
+
+
+def test_action_output_is_causal():
+    """The distribution at step t depends on R_<=t, s_<=t, a_<t, never on a_t or anything later."""
+    model, x = tiny_model(), rand_inputs()
+    t = 2
+    mean, log_std = model(**x)
+    y = {k: v.clone() for k, v in x.items()}
+    y["actions"][:, t:] = torch.rand_like(y["actions"][:, t:])
+    y["states"][:, t + 1 :] += 5.0
+    y["rtg"][:, t + 1 :] -= 3.0
+    mean2, log_std2 = model(**y)
+    assert torch.allclose(mean[:, : t + 1], mean2[:, : t + 1], atol=1e-6)
+    assert torch.allclose(log_std[:, : t + 1], log_std2[:, : t + 1], atol=1e-6)
+    assert not torch.allclose(mean[:, t + 1], mean2[:, t + 1], atol=1e-4)  # a_t does reach step t+1
+    z = {k: v.clone() for k, v in x.items()}
+    z["states"][:, t] += 1.0
+    assert not torch.allclose(model(**z)[0][:, t], mean[:, t], atol=1e-4)  # s_t reaches step t
+
+
+def test_left_padding_is_invisible():
+    """A window padded on the left gives the same outputs at the real steps as the unpadded window."""
+    model, x = tiny_model(), rand_inputs(T=3)
+    mean, log_std = model(**x)
+    pad = {k: torch.cat([torch.zeros_like(v[:, :2]) + (7 if k != "valid" else 0), v], 1).to(v.dtype) for k, v in x.items()}
+    pad["valid"][:, :2] = False
+    pmean, plog_std = model(**pad)
+    assert torch.allclose(pmean[:, 2:], mean, atol=1e-5) and torch.allclose(plog_std[:, 2:], log_std, atol=1e-5)
+    assert torch.isfinite(pmean).all()
+
+
+def test_log_prob_matches_torch_distributions_and_is_finite_at_bounds():
+    from torch.distributions import Normal, TransformedDistribution
+    from torch.distributions.transforms import TanhTransform
+
+    g = torch.Generator().manual_seed(1)
+    mean, log_std = torch.randn(64, 3, generator=g), torch.rand(64, 3, generator=g) * 2 - 1.5
+    a = torch.rand(64, 3, generator=g) * 1.8 - 0.9
+    ref = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()]).log_prob(a).sum(-1)
+    assert torch.allclose(dt_grpo.log_prob(mean, log_std, a), ref, atol=1e-4)
+    edge = torch.tensor([[1.0, -1.0, 1.0]]).expand(64, 3)
+    assert torch.isfinite(dt_grpo.log_prob(mean, log_std, edge)).all()
+    # the entropy estimate is -log pi of a sample: its mean approaches the reference's
+    big = dt_grpo.entropy_estimate(mean[:1].expand(20000, 3), log_std[:1].expand(20000, 3)).mean()
+    d = TransformedDistribution(Normal(mean[:1], log_std[:1].exp()), [TanhTransform()])
+    samp = d.sample((20000,)).clamp(-1 + 1e-6, 1 - 1e-6)
+    assert abs(big - (-d.log_prob(samp).sum(-1).mean())) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: RTG, readers, generation
+# ---------------------------------------------------------------------------------------------------
+def test_returns_to_go():
+    np.testing.assert_allclose(pretrain.returns_to_go(np.array([1.0, 2.0, 3.0])), [6.0, 5.0, 3.0])
+    np.testing.assert_allclose(pretrain.returns_to_go(np.array([1.0, 1.0]), gamma=0.5), [1.5, 1.0])
+
+
+def test_window_sampler_rtg_timesteps_and_padding():
+    eps = [dict(observations=np.arange(6, dtype=np.float32).reshape(3, 2), actions=np.zeros((3, 1), np.float32),
+                rewards=np.array([1.0, 2.0, 3.0]))]
+    s = pretrain.WindowSampler(eps, K=4, reward_scale=0.5, obs_mean=np.zeros(2), obs_std=np.ones(2), max_ep_len=1000, seed=0)
+    for _ in range(20):
+        b = s.sample(8)
+        for i in range(8):
+            n = b["valid"][i].sum()
+            assert b["valid"][i, :n].all() and not b["valid"][i, n:].any()  # real steps first, then padding
+            t0 = b["timesteps"][i, 0]
+            np.testing.assert_allclose(b["rtg"][i, :n, 0], 0.5 * np.array([6.0, 5.0, 3.0])[t0 : t0 + n])
+            np.testing.assert_allclose(b["states"][i, :n], eps[0]["observations"][t0 : t0 + n])
+
+
+def write_d4rl(path, obs_dim=11, act_dim=3, ends=(4, 9), n=12, qpos=True):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)
+        f["actions"] = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
+        f["rewards"] = np.arange(n, dtype=np.float32)[:, None]  # (N,1) as some files store it
+        term = np.zeros(n, bool)
+        term[ends[0]] = True
+        tout = np.zeros(n, bool)
+        tout[ends[1]] = True
+        f["terminals"], f["timeouts"] = term, tout
+        if qpos:
+            f["infos/qpos"], f["infos/qvel"] = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+
+
+def test_d4rl_reader(tmp_path):
+    p = str(tmp_path / "hopper.hdf5")
+    write_d4rl(p)
+    eps = pretrain.load_hdf5(p, "Hopper-v4")
+    assert [len(e["rewards"]) for e in eps] == [5, 5, 2]  # split after the terminal (4) and the timeout (9); tail kept
+    np.testing.assert_allclose(eps[1]["rewards"], [5, 6, 7, 8, 9])
+    assert eps[2]["qpos"].shape == (2, 6)
+
+
+def test_minari_reader(tmp_path):
+    p = str(tmp_path / "main_data.hdf5")
+    rng = np.random.default_rng(0)
+    lens = [3, 5]
+    with h5py.File(p, "w") as f:
+        for i in (1, 0):  # written out of order: the reader sorts episode_<n> numerically
+            T = lens[i]
+            g = f.create_group(f"episode_{i}")
+            g["observations"] = np.full((T + 1, 11), i, np.float32)
+            g["actions"] = rng.uniform(-1, 1, (T, 3)).astype(np.float32)
+            g["rewards"] = np.ones(T) * (i + 1)
+            g["terminations"], g["truncations"] = np.zeros(T, bool), np.zeros(T, bool)
+    eps = pretrain.load_hdf5(p, "Hopper-v4")
+    assert [len(e["observations"]) for e in eps] == [3, 5]  # T rows: the final observation is dropped
+    assert eps[1]["observations"][0, 0] == 1 and eps[1]["rewards"].sum() == 10
+
+
+def test_random_generation_splits_episodes_and_states_reproduce_observations(tmp_path):
+    p = str(tmp_path / "r.hdf5")
+    pretrain.generate_random_dataset("Hopper-v4", 300, seed=3, path=p)
+    with h5py.File(p, "r") as f:
+        obs, term, tout = f["observations"][()], f["terminals"][()], f["timeouts"][()]
+        qpos, qvel = f["infos/qpos"][()], f["infos/qvel"][()]
+    assert tout[-1] and term.sum() >= 2  # random Hopper falls within tens of steps; the budget ends the last one
+    eps = pretrain.load_hdf5(p, "Hopper-v4")
+    assert sum(len(e["rewards"]) for e in eps) == 300 and len(eps) == term.sum() + tout.sum()
+    env = dt_grpo.make_env("Hopper-v4")
+    env.reset(seed=0)
+    for t in [0, 17, 123, 299]:
+        env.unwrapped.set_state(qpos[t], qvel[t])
+        np.testing.assert_allclose(env.unwrapped._get_obs(), obs[t], atol=1e-6)
+    # episodes start at a fresh reset: an episode's first observation is near the initial pose (height ~1.25)
+    starts = np.concatenate([[0], np.flatnonzero(term | tout)[:-1] + 1])
+    assert np.all(np.abs(obs[starts, 0] - 1.25) < 0.01)
+
+
+def test_normalized_score():
+    assert dt_grpo.normalized_score("Hopper-v4", -20.272305) == pytest.approx(0.0)
+    assert dt_grpo.normalized_score("Hopper-v4", 3234.3) == pytest.approx(100.0)
+    assert dt_grpo.normalized_score("Walker2d-v4", 1.629008 + (4592.3 - 1.629008) / 2) == pytest.approx(50.0)
+    assert np.isnan(dt_grpo.normalized_score("Swimmer-v4", 10.0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO-DT math
+# ---------------------------------------------------------------------------------------------------
+def test_group_advantages_including_constant_group():
+    R = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    A = dt_grpo.group_advantages(R, eps=0.0 + 1e-12)
+    std = np.std([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(A[0].numpy(), [-1 / std, 0, 1 / std], rtol=1e-5)
+    assert torch.equal(A[1], torch.zeros(3))  # constant group: zero, never NaN
+
+
+def test_ratio_variants_match_hand_computation_and_clip():
+    new = torch.tensor([[0.1, 0.2, 0.0], [-0.3, 0.1, 0.4]])
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # branch 0 ended after 2 sampled steps
+    adv = torch.tensor([1.0, -2.0])
+    eps = 0.2
+    # sequence: rho_0 = exp(0.3) = 1.35 -> clipped to 1.2 for A>0; rho_1 = exp(0.2) = 1.22, A<0 -> unclipped min
+    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "sequence")
+    np.testing.assert_allclose(ratio.numpy(), np.exp([0.3, 0.2]), rtol=1e-6)
+    assert loss.item() == pytest.approx(-(1.2 * 1.0 + np.exp(0.2) * -2.0) / 2, rel=1e-5)
+    assert cf.item() == pytest.approx(1.0)
+    # gspo: length-normalised
+    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "gspo")
+    np.testing.assert_allclose(ratio.numpy(), np.exp([0.15, 0.2 / 3]), rtol=1e-6)
+    assert loss.item() == pytest.approx(-(np.exp(0.15) * 1.0 + np.exp(0.2 / 3) * -2.0) / 2, rel=1e-5)
+    assert cf.item() == 0.0
+    # token: one ratio per valid action, masked mean
+    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "token")
+    # A>0: min(rho, clip(rho)) -> exp(0.2)=1.221 is clipped to 1.2; A<0: max(rho, clip(rho)) -> exp(-0.3)=0.741
+    # becomes 0.8, exp(0.4)=1.49 stays (the pessimistic side)
+    terms = [np.exp(0.1), 1.2, -2 * 0.8, -2 * np.exp(0.1), -2 * np.exp(0.4)]
+    assert loss.item() == pytest.approx(-np.mean(terms), rel=1e-5)
+    # gradient: a clipped unit gives no gradient
+    new_g = new.clone().requires_grad_(True)
+    dt_grpo.policy_loss(new_g, old, mask, adv, eps, "sequence")[0].backward()
+    assert torch.all(new_g.grad[0] == 0) and torch.all(new_g.grad[1] != 0)
+
+
+def test_policy_loss_never_overflows():
+    new = torch.full((2, 4), 50.0, requires_grad=True)
+    loss = dt_grpo.policy_loss(new, torch.zeros(2, 4), torch.ones(2, 4), torch.tensor([1.0, -1.0]), 0.2, "sequence")[0]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
+
+
+def test_variance_sampler_prefers_high_variance_and_uniform_does_not():
+    var = np.full(100, 0.01)
+    var[40:50] = 1.0  # 10 high-variance steps hold ~92% of the mass
+    rng = np.random.default_rng(0)
+    hits_v = np.mean([np.isin(dt_grpo.sample_reset_indices(var, 4, "variance", rng), np.arange(40, 50)).mean()
+                      for _ in range(300)])
+    hits_u = np.mean([np.isin(dt_grpo.sample_reset_indices(var, 4, "uniform", rng), np.arange(40, 50)).mean()
+                      for _ in range(300)])
+    assert hits_v > 0.7 and abs(hits_u - 0.1) < 0.05
+    idx = dt_grpo.sample_reset_indices(var, 4, "variance", rng)
+    assert len(set(idx)) == 4
+    np.testing.assert_array_equal(dt_grpo.sample_reset_indices(var[:3], 4, "variance", rng), [0, 1, 2])
+
+
+def test_windows_and_relabel():
+    B, K, S = 2, 3, 4
+    buf = {"x": torch.arange(B * (K - 1 + S), dtype=torch.float32).view(B, K - 1 + S, 1)}
+    w = dt_grpo.windows(buf, 2, K)["x"]
+    assert w.shape == (4, K, 1)
+    np.testing.assert_array_equal(w[1, :, 0].numpy(), [1, 2, 3])  # lane 0, sampled step 1 = slots 1..3
+    np.testing.assert_array_equal(w[2, :, 0].numpy(), [6, 7, 8])
+    rel = dt_grpo.relabel_rtg(torch.zeros(1, 4, 1), np.array([[0.0, 1.0]]), np.array([[2.0, 3.0]]), 0.5)
+    np.testing.assert_allclose(rel[0, :, 0].numpy(), [3.0, 3.0, 2.5, 1.5])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rollouts: restore, time limit, first-epoch ratio
+# ---------------------------------------------------------------------------------------------------
+def load_tiny(path):
+    ck = dt_grpo.load_checkpoint(path, "Hopper-v4")
+    model = dt_grpo.build_model(ck["model_config"])
+    model.load_state_dict(ck["model"])
+    env = dt_grpo.make_env("Hopper-v4")
+    norm = dt_grpo.Normalizer(ck["obs_mean"], ck["obs_std"], env.action_space.low, env.action_space.high)
+    return model.eval(), norm, ck
+
+
+def online_args(**kw):
+    base = dict(num_resets=3, group_size=4, l_traj=4, l_eval=6, reset_sampling="variance", relabel=False,
+                adv_eps=1e-6, update_epochs=1, num_minibatches=1, clip_eps=0.2, ratio="sequence", ent_coef=0.0,
+                max_grad_norm=0.5)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("relabel", [False, True])
+def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, relabel):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    args = online_args(relabel=relabel)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 12)]
+    torch.manual_seed(0)
+    b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
+                               rng=np.random.default_rng(0))
+    K, m = model.context_len, len(b["starts"])
+    lanes = np.repeat(b["starts"], 4)
+    anchor_states = b["anchor"]["buf"]["states"][0, K - 1 + lanes]
+    # restore reproduces the anchor's observation, and the branch's first window equals the anchor's window
+    np.testing.assert_allclose(norm.obs(b["first_obs"]), anchor_states.numpy(), atol=1e-6)
+    for k in ("states", "actions", "timesteps", "valid"):
+        first = b["win"][k].view(m * 4, 4, *b["win"][k].shape[1:])[:, 0, :-1]
+        anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(lanes[:, None] + np.arange(K - 1))]
+        assert torch.equal(first, anchor_win), k
+    assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(lanes))
+    # first-epoch ratio == 1: recomputed log-probs equal the behaviour log-probs (relabel changes the RTG tokens
+    # on purpose, so there they differ: the paper's point)
+    with torch.no_grad():
+        new_logp = dt_grpo.recompute_log_prob(model, b, torch.arange(m * 4))[0]
+    diff = ((new_logp - b["old_logp"]) * b["mask"]).abs().max().item()
+    if relabel:
+        assert diff > 1e-3
+    else:
+        assert diff < 1e-5
+    assert b["adv"].shape == (m * 4,) and torch.isfinite(b["adv"]).all()
+    np.testing.assert_allclose(b["R"].reshape(-1), b["branch"]["rewards"].sum(1))
+
+
+def test_branch_respects_time_limit_and_continues_timesteps(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    env = dt_grpo.make_env("Hopper-v4")
+    env.reset(seed=0)
+    # a stable standing pose: the init state; start at t0 = 997 so only 3 steps are left in the episode
+    out = dt_grpo.run_lanes(model, [env], [env.unwrapped._get_obs()], [3.6], [997], 2, [50], norm, 0.001)
+    K = model.context_len
+    assert out["length"][0] <= 3
+    assert out["buf"]["timesteps"][0, K - 1 : K - 1 + out["length"][0]].tolist() == [997, 998, 999][: out["length"][0]]
+    assert not out["buf"]["valid"][0, K - 1 + 3 :].any()
+
+
+def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    env = dt_grpo.make_env("Hopper-v4")
+    obs = dt_grpo.reset_envs([env], [0])
+    out = dt_grpo.run_lanes(model, [env], obs, [3.6], [0], 5, [20], norm, 0.001)
+    K, n = model.context_len, out["length"][0]
+    rtg = out["buf"]["rtg"][0, K - 1 : K - 1 + n, 0].double().numpy()
+    np.testing.assert_allclose(rtg, 3.6 - 0.001 * np.concatenate([[0], np.cumsum(out["rewards"][0, : n - 1])]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, no traceback, nothing left behind
+# ---------------------------------------------------------------------------------------------------
+def test_bad_env_ids(tmp_path):
+    p = run("pretrain.py", "--env-id", "Hopperr-v4", "--dataset-steps", "100", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "Hopperr-v4")
+    p = run("pretrain.py", "--env-id", "CartPole-v1", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "MuJoCo")
+    p = run("dt_grpo.py", "--env-id", "Pendulum-v1", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "MuJoCo")
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_bad_datasets(tmp_path):
+    p = run("pretrain.py", "--dataset", "missing.hdf5", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "not found")
+    (tmp_path / "notes.hdf5").write_text("not hdf5")
+    p = run("pretrain.py", "--dataset", "notes.hdf5", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "not an HDF5")
+    write_d4rl(str(tmp_path / "walker.hdf5"), obs_dim=17, act_dim=6)
+    p = run("pretrain.py", "--dataset", "walker.hdf5", "--env-id", "Hopper-v4", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "(17, 6)", "(11, 3)")
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_checkpoint_for_another_env_and_set_state_free_env(tiny_ckpt, tmp_path):
+    p = run("dt_grpo.py", "--env-id", "Walker2d-v4", "--checkpoint", tiny_ckpt, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "Hopper-v4", "Walker2d-v4")
+    p = run("dt_grpo.py", "--checkpoint", str(tmp_path / "none.pt"), cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "not found")
+    p = run("dt_grpo.py", "--resume", tiny_ckpt, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "--checkpoint")
+
+
+def test_env_without_set_state_points_to_critic_mode(monkeypatch):
+    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+    monkeypatch.delattr(MujocoEnv, "set_state")
+    with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
+        dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", cuda=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------
+def test_pretraining_checkpoint_loads(tiny_ckpt):
+    ck = dt_grpo.load_checkpoint(tiny_ckpt, "Hopper-v4")
+    assert ck["model_config"]["context_len"] == 5 and ck["obs_mean"].shape == (11,)
+    assert ck["data_source"].startswith("random:") and ck["reward_scale"] == 0.001
+    model = dt_grpo.build_model(ck["model_config"])
+    model.load_state_dict(ck["model"])
+    assert not glob.glob(os.path.join(os.path.dirname(tiny_ckpt), "*.tmp*"))
+
+
+def last_eval(stdout):
+    return [ln for ln in stdout.splitlines() if ln.startswith("[eval]")]
+
+
+def test_smoke_run_writes_tensorboard_and_checkpoint_and_resumes_deterministically(tiny_ckpt, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    cmd = ["--checkpoint", tiny_ckpt, "--total-env-steps", "300", *TINY_ONLINE]
+    pa = run("dt_grpo.py", *cmd, cwd=a)
+    pb = run("dt_grpo.py", *cmd, cwd=b)
+    assert last_eval(pa.stdout) == last_eval(pb.stdout) and len(last_eval(pa.stdout)) >= 3  # same seed, same run
+    run_dir = glob.glob(str(a / "runs" / "*"))[0]
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for t in ["eval/episodic_return", "eval/normalized_score", "charts/SPS", "charts/env_steps", "charts/grad_steps",
+              "charts/group_return_mean", "charts/group_return_std", "charts/action_std", "losses/policy_loss",
+              "losses/approx_kl", "losses/clipfrac", "losses/ratio_max"]:
+        assert t in tags, t
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert ck["env_steps"] >= 300 and ck["grad_steps"] > 0
+    # resume: run 2 iterations, then resume to the same budget: the same evaluations as the uninterrupted run
+    c = tmp_path / "c"
+    c.mkdir()
+    n_iter = ck["iteration"]
+    run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "1", *TINY_ONLINE, cwd=c)
+    partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
+    assert torch.load(partial, weights_only=False)["iteration"] == 1
+    pr = run("dt_grpo.py", "--resume", partial, "--total-env-steps", "300", *TINY_ONLINE, cwd=c)
+    assert "resuming" in pr.stdout
+    assert last_eval(pr.stdout) == last_eval(pa.stdout)[2:]  # iterations 2.. as in the uninterrupted run
+    assert torch.load(partial, weights_only=False)["iteration"] == n_iter
+
+
+@pytest.mark.parametrize("env_id", ["Walker2d-v4", "HalfCheetah-v4", "Ant-v4"])
+def test_smoke_other_envs(env_id, tmp_path):
+    run("pretrain.py", "--env-id", env_id, "--dataset-steps", "600", "--num-steps", "5", "--eval-episodes", "1",
+        "--output", "ck.pt", *TINY_MODEL, cwd=tmp_path)
+    p = run("dt_grpo.py", "--env-id", env_id, "--checkpoint", "ck.pt", "--total-env-steps", "50", *TINY_ONLINE,
+            "--eval-episodes", "1", cwd=tmp_path)
+    assert "done:" in p.stdout
+
+
+@pytest.mark.parametrize("flags", [["--ratio", "token", "--relabel", "--reset-sampling", "uniform"],
+                                   ["--ratio", "gspo", "--ent-coef", "0.01"]])
+def test_ablation_flags_run(tiny_ckpt, tmp_path, flags):
+    p = run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "100", *TINY_ONLINE, *flags, cwd=tmp_path)
+    assert "done:" in p.stdout
+
+
+def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monkeypatch):
+    """`python dt_grpo.py` with no checkpoint runs the default pretraining first (here shrunk by monkeypatch)."""
+    import pretrain as pt
+
+    monkeypatch.chdir(tmp_path)
+    real = pt.main
+    monkeypatch.setattr(pt, "main", lambda a: real(pt.Args(env_id=a.env_id, seed=a.seed, output=a.output, cuda=False,
+                                                          dataset_steps=500, num_steps=3, eval_episodes=1, context_len=5,
+                                                          embed_dim=16, n_layer=1)))
+    dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", total_env_steps=30, group_size=2, num_resets=2, l_traj=2, l_eval=2,
+                              eval_episodes=1, cuda=False))
+    assert os.path.isfile(tmp_path / "checkpoints" / "Hopper-v4__random.pt")
+    assert glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+
+
+def test_help_lists_every_flag_with_text():
+    for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args)]:
+        out = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True).stdout
+        for name in cls.__dataclass_fields__:
+            assert "--" + name.replace("_", "-") in out, (script, name)
+        assert "transformer width" in out or "sampled actions per branch" in out
