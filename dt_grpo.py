@@ -37,6 +37,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled and a GPU is present, the model runs on it"""
+    torch_threads: int = 0
+    """CPU threads of torch (0 = torch's default); 1 lets several seeds run side by side, one core each"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (imported only then)"""
     wandb_project_name: str = "dt_grpo"
@@ -94,6 +96,28 @@ class Args:
     max_nonfinite: int = 10
     """stop after this many consecutive updates with a non-finite loss"""
 
+    # QGRPO: critic-based group advantages where the simulator cannot be reset
+    advantage: Literal["reset", "critic"] = "reset"
+    """group advantages from simulator resets (GRPO-DT) or from a learned twin-Q critic (QGRPO, no set_state)"""
+    num_rollouts: int = 4
+    """critic mode: episodes collected per iteration, in lock-step, from fresh resets"""
+    critic_lr: float = 3e-4
+    """critic mode: Adam learning rate of the twin Q-networks"""
+    gamma: float = 0.99
+    """critic mode: discount of the TD target"""
+    tau: float = 0.005
+    """critic mode: Polyak rate of the target Q-networks"""
+    critic_updates: int = 200
+    """critic mode: critic gradient steps per iteration"""
+    critic_batch_size: int = 256
+    """critic mode: transitions per critic step"""
+    policy_noise: float = 0.2
+    """critic mode: TD3 target-action smoothing noise (std)"""
+    noise_clip: float = 0.5
+    """critic mode: clip of the smoothing noise"""
+    buffer_size: int = 1_000_000
+    """critic mode: replay capacity in transitions"""
+
 
 # ---------------------------------------------------------------------------------------------------
 # Shared helpers: normalized score, per-env defaults, environments, one-line errors
@@ -137,8 +161,11 @@ def make_env(env_id: str, render_mode=None) -> gym.Env:
                         "HalfCheetah-v4 or Ant-v4.") from None
     from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 
+    base = env
+    while isinstance(base, gym.Wrapper):  # the innermost env (a black-box wrapper may hide it from .unwrapped)
+        base = base.env
     obs_ok = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
-    if not (obs_ok and isinstance(env.action_space, gym.spaces.Box) and isinstance(env.unwrapped, MujocoEnv)):
+    if not (obs_ok and isinstance(env.action_space, gym.spaces.Box) and isinstance(base, MujocoEnv)):
         env.close()
         raise UserError(f"{env_id!r} is not a MuJoCo env with Box observations and actions; dt_grpo supports "
                         "MuJoCo locomotion (Hopper-v4, Walker2d-v4, HalfCheetah-v4, Ant-v4).")
@@ -179,11 +206,15 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask):  # mask: (B, 1, N, N) bool, True = may attend
+    def forward(self, x, mask, n_out=None):
+        """mask: (B, 1, N, N) bool, True = may attend. n_out: compute only the last n_out tokens' outputs (their
+        queries still attend to every token): the same numbers for them at a fraction of the cost."""
         B, N, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        if n_out is not None:
+            q, mask, x = q[:, :, -n_out:], mask[:, :, -n_out:], x[:, -n_out:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, N, D)))
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, x.shape[1], D)))
         return x + self.mlp(self.ln2(x))
 
 
@@ -208,9 +239,10 @@ class DecisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, 2 * act_dim)  # mean and pre-squash log-std of the Gaussian
         self.register_buffer("causal", torch.ones(3 * context_len, 3 * context_len).tril().bool(), persistent=False)
 
-    def forward(self, rtg, states, actions, timesteps, valid):
+    def forward(self, rtg, states, actions, timesteps, valid, last_only=False):
         """rtg (B,T,1), states (B,T,obs), actions (B,T,act), timesteps (B,T) long, valid (B,T) bool, T <= K.
-        Returns mean and log_std (B,T,act) of the pre-tanh Gaussian at every state token."""
+        Returns mean and log_std (B,T,act) of the pre-tanh Gaussian at every state token; with last_only, only at
+        the last step's state token, shape (B,act) (rollouts and the GRPO update need nothing else)."""
         B, T, _ = states.shape
         te = self.embed_t(timesteps)
         tokens = torch.stack([self.embed_R(rtg) + te, self.embed_s(states) + te, self.embed_a(actions) + te], dim=2)
@@ -218,9 +250,12 @@ class DecisionTransformer(nn.Module):
         keys_ok = valid.repeat_interleave(3, dim=1)[:, None, :]  # (B,1,3T)
         eye = torch.eye(3 * T, dtype=torch.bool, device=x.device)  # a padded token sees itself: no empty rows
         mask = (self.causal[: 3 * T, : 3 * T] & (keys_ok | eye))[:, None]
-        for blk in self.blocks:
-            x = blk(x, mask)
-        mean, pre_std = self.head(self.ln_out(x)[:, 1::3]).chunk(2, dim=-1)
+        if last_only:  # the last action token cannot influence s_T (causal): drop it, and in the last block
+            x, mask = x[:, :-1], mask[:, :, :-1, :-1]  # compute the output of the final state token only
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, n_out=1 if last_only and i == len(self.blocks) - 1 else None)
+        h = self.ln_out(x)
+        mean, pre_std = self.head(h[:, -1] if last_only else h[:, 1::3]).chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(pre_std) + 1)
         return mean, log_std
 
@@ -282,7 +317,7 @@ class Normalizer:
         return self.low + 0.5 * (a + 1.0) * (self.high - self.low)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale, prefix=None,
               generator=None, record_state=False, frames=None):
     """Step B lanes in lock-step. Lane b starts at observation first_obs[b], DT timestep t0[b] and return-to-go
@@ -307,6 +342,8 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
     rewards = np.zeros((B, S), np.float64)
     logp = torch.zeros(B, max(n_sample, 1), device=device)
     var = np.zeros((B, S), np.float32)
+    mean_action = np.zeros((B, S, model.act_dim), np.float32)
+    terminated = np.zeros(B, bool)
     qpos, qvel = ([None] * S, [None] * S) if record_state else (None, None)
     obs = np.asarray(first_obs, np.float32).copy()
     rtg = torch.as_tensor(np.asarray(rtg0, np.float32), device=device)
@@ -328,7 +365,7 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
             qpos[j] = np.stack([envs[b].unwrapped.data.qpos.copy() for b in lanes])
             qvel[j] = np.stack([envs[b].unwrapped.data.qvel.copy() for b in lanes])
         win = {k: v[idx, j : j + K] for k, v in buf.items()}
-        mean, log_std = (x[:, -1] for x in model(win["rtg"], win["states"], win["actions"], win["timesteps"], win["valid"]))
+        mean, log_std = model(win["rtg"], win["states"], win["actions"], win["timesteps"], win["valid"], last_only=True)
         if j < n_sample:
             act = sample_action(mean, log_std, generator)
             logp[idx, j] = log_prob(mean, log_std, act)
@@ -336,17 +373,19 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
             act = torch.tanh(mean)
         buf["actions"][idx, i] = act
         var[lanes, j] = (2 * log_std).exp().mean(-1).cpu().numpy()
+        mean_action[lanes, j] = torch.tanh(mean).cpu().numpy()
         act_env = norm.act(act.cpu().numpy())
         r = np.zeros(len(lanes))
         for n, b in enumerate(lanes):  # the simulator has no batched step: one call per lane
-            obs[b], r[n], terminated, _, _ = envs[b].unwrapped.step(act_env[n])
-            active[b] = not terminated and j + 1 < limit[b]
+            obs[b], r[n], terminated[b], _, _ = envs[b].unwrapped.step(act_env[n])
+            active[b] = not terminated[b] and j + 1 < limit[b]
         rewards[lanes, j] = r
         if frames is not None and lanes[0] == 0:  # --capture-video: lane 0 only
             frames.append(envs[0].render())
         length[lanes] += 1
         rtg[idx] -= torch.as_tensor(r * reward_scale, dtype=torch.float32, device=device)
-    out = dict(buf=buf, rewards=rewards, length=length, logp=logp, var=var)
+    out = dict(buf=buf, rewards=rewards, length=length, logp=logp, var=var, mean_action=mean_action,
+               terminated=terminated)
     if record_state:  # lane 0 only is needed (the anchor): keep its per-step simulator state
         out["qpos"] = np.stack([q[0] for q in qpos[: length[0]]])
         out["qvel"] = np.stack([q[0] for q in qvel[: length[0]]])
@@ -488,8 +527,8 @@ def recompute_log_prob(model, batch, rows):
     L = batch["actions"].shape[1]
     flat = (rows[:, None] * L + torch.arange(L, device=rows.device)).reshape(-1)
     w = batch["win"]
-    mean, log_std = (x[:, -1] for x in model(w["rtg"][flat], w["states"][flat], w["actions"][flat],
-                                              w["timesteps"][flat], w["valid"][flat]))
+    mean, log_std = model(w["rtg"][flat], w["states"][flat], w["actions"][flat], w["timesteps"][flat], w["valid"][flat],
+                          last_only=True)
     return log_prob(mean, log_std, batch["actions"][rows].reshape(-1, model.act_dim)).view(len(rows), L), mean, log_std
 
 
@@ -520,6 +559,134 @@ def grpo_update(model, optimizer, batch, args):
 
 
 # ---------------------------------------------------------------------------------------------------
+# QGRPO (paper Sec. 3.5): where the simulator cannot be reset, a TD3-style twin-Q critic scores G candidate
+# actions at states along ordinary rollouts; the same group normalisation and clipped objective follow.
+# ---------------------------------------------------------------------------------------------------
+class TwinQ(nn.Module):
+    """Q1, Q2 (s, a) -> R: 256-256 MLPs on the normalised observation (Markov in MuJoCo; no RTG, no context)."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256):
+        super().__init__()
+        mlp = lambda: nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),  # noqa: E731
+                                    nn.ReLU(), nn.Linear(hidden, 1))
+        self.q1, self.q2 = mlp(), mlp()
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def td_target(q1_next, q2_next, reward, done, gamma):
+    """TD3 target y = r + gamma * (1 - done) * min(Q1'(s', a'), Q2'(s', a')) (clipped double Q)."""
+    return reward + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
+
+
+class Replay:
+    """Transitions (s, a, r, s', a'_policy, done) in fixed-size arrays, overwritten oldest first."""
+
+    def __init__(self, obs_dim, act_dim, size):
+        self.size, self.n, self.ptr = size, 0, 0
+        self.data = dict(s=np.zeros((size, obs_dim), np.float32), a=np.zeros((size, act_dim), np.float32),
+                         r=np.zeros(size, np.float32), s2=np.zeros((size, obs_dim), np.float32),
+                         a2=np.zeros((size, act_dim), np.float32), done=np.zeros(size, np.float32))
+
+    def add(self, **cols):
+        k = len(cols["r"])
+        idx = (self.ptr + np.arange(k)) % self.size
+        for name, v in cols.items():
+            self.data[name][idx] = v
+        self.ptr, self.n = (self.ptr + k) % self.size, min(self.n + k, self.size)
+
+    def state_dict(self):
+        return dict(n=self.n, ptr=self.ptr, data={k: v[: self.n] for k, v in self.data.items()})
+
+    def load_state_dict(self, st):
+        self.n, self.ptr = st["n"], st["ptr"]
+        for k, v in st["data"].items():
+            self.data[k][: len(v)] = v
+
+    def sample(self, batch_size, rng, device):
+        idx = rng.integers(0, self.n, batch_size)
+        return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
+
+
+def rollout_transitions(out, K):
+    """Transitions of lock-step rollouts. The target action a' is the DT's mean action at s' as recorded during
+    the rollout (the DT needs its context to act, which a replayed s' alone does not give). The last step of a
+    lane is kept only if it terminated (no s' is needed then); a lane cut by the time limit drops it."""
+    states = out["buf"]["states"][:, K - 1 :].cpu().numpy()
+    actions = out["buf"]["actions"][:, K - 1 :].cpu().numpy()
+    cols = {k: [] for k in ("s", "a", "r", "s2", "a2", "done")}
+    for b, n in enumerate(out["length"]):
+        keep = n if out["terminated"][b] else n - 1
+        nxt = np.minimum(np.arange(keep) + 1, n - 1)
+        done = np.zeros(keep, np.float32)
+        done[n - 1 : keep] = 1.0  # the terminal transition, when kept
+        for k, v in zip(cols, (states[b, :keep], actions[b, :keep], out["rewards"][b, :keep], states[b, nxt],
+                               out["mean_action"][b, nxt], done)):
+            cols[k].append(v)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def critic_update(critic, critic_targ, optimizer, replay, args, rng, device):
+    """args.critic_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak targets."""
+    losses = []
+    for _ in range(args.critic_updates):
+        b = replay.sample(args.critic_batch_size, rng, device)
+        with torch.no_grad():
+            noise = (torch.randn_like(b["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            y = td_target(*critic_targ(b["s2"], (b["a2"] + noise).clamp(-1, 1)), b["r"], b["done"], args.gamma)
+        q1, q2 = critic(b["s"], b["a"])
+        loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for p, pt in zip(critic.parameters(), critic_targ.parameters()):
+                pt.lerp_(p, args.tau)
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item() if losses else float("nan")
+
+
+def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, norm, scale, target_rtg,
+                          reset_seed, rng):
+    """QGRPO: rollouts from fresh resets only (never set_state), a critic update on their transitions, then at
+    M states drawn by action variance, G candidate actions sampled from pi_theta_old with the same context,
+    scored by min(Q1, Q2), normalised within the group. The batch has the reset mode's layout with L_traj = 1."""
+    K, M, G = model.context_len, args.num_resets, args.group_size
+    device = next(model.parameters()).device
+    n = len(envs)
+    # 1. Rollouts: sampled actions, intended RTG tokens, n episodes in lock-step.
+    obs = reset_envs(envs, [reset_seed * 100 + i for i in range(n)])
+    out = run_lanes(model, envs, obs, np.full(n, target_rtg * scale), np.zeros(n, np.int64), model.max_ep_len,
+                    np.full(n, model.max_ep_len), norm, scale)
+    tr = rollout_transitions(out, K)
+    replay.add(**tr)
+    critic_loss = critic_update(critic, critic_targ, critic_opt, replay, args, rng, device)
+    # 2. Active sampling of states over all rollout steps.
+    lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
+    step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])
+    var = np.concatenate([out["var"][b, :n_b] for b, n_b in enumerate(out["length"])])
+    pick = sample_reset_indices(var, M, args.reset_sampling, rng)
+    lanes, steps = np.repeat(lane_of[pick], G), np.repeat(step_of[pick], G)
+    # 3. Candidates: the window that acted at (lane, step), G samples from its distribution.
+    gather = torch.as_tensor(steps[:, None] + np.arange(K), device=device)
+    lane_t = torch.as_tensor(lanes, device=device)[:, None]
+    win = {k: v[lane_t, gather].clone() for k, v in out["buf"].items()}
+    with torch.no_grad():
+        mean, log_std = model(win["rtg"], win["states"], win["actions"], win["timesteps"], win["valid"], last_only=True)
+        cand = sample_action(mean, log_std)
+        old_logp = log_prob(mean, log_std, cand)
+        # 4. Group advantage from the critic: A_i = normalised min(Q1, Q2)(s, a_i) within each state's group.
+        q = torch.min(*critic(win["states"][:, -1], cand)).reshape(-1, G)
+    adv = group_advantages(q.cpu().numpy(), args.adv_eps).reshape(-1).to(device)
+    return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device), old_logp=old_logp[:, None],
+                adv=adv, R=q.cpu().numpy(), anchor_len=int(out["length"].max()),
+                anchor_return=float(out["rewards"].sum(1).mean()), env_steps=int(out["length"].sum()),
+                critic_loss=critic_loss)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Main: load (or first pretrain) the DT, then iterate the GRPO-DT loop
 # ---------------------------------------------------------------------------------------------------
 def default_checkpoint(env_id):
@@ -536,12 +703,14 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     seed_everything(args.seed)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering
     probe = make_env(args.env_id)
-    if not hasattr(probe.unwrapped, "set_state"):
+    if args.advantage == "reset" and not hasattr(probe.unwrapped, "set_state"):
         raise UserError(f"{args.env_id} cannot be reset to a stored state (no set_state); GRPO-DT's groups need it. "
-                        "Use the critic mode (--advantage critic, QGRPO) once it exists.")
+                        "Use the critic mode instead: --advantage critic (QGRPO).")
     probe.close()
 
     # Load the pretrained DT (or the run to resume); pretrain first if the default checkpoint is missing.
@@ -588,7 +757,17 @@ def main(args: Args):
     # we track the time limit ourselves (set_state does not touch gymnasium's TimeLimit counter).
     M, G = args.num_resets, args.group_size
     anchor_env = make_env(args.env_id)
-    branch_envs = [make_env(args.env_id) for _ in range(M * G)]
+    branch_envs = [make_env(args.env_id) for _ in range(M * G if args.advantage == "reset" else args.num_rollouts - 1)]
+    if args.advantage == "critic":  # QGRPO state: twin Q, its target copy, optimizer and replay
+        critic = TwinQ(model.obs_dim, model.act_dim).to(device)
+        critic_targ = TwinQ(model.obs_dim, model.act_dim).to(device)
+        critic_targ.load_state_dict(critic.state_dict())
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+        replay = Replay(model.obs_dim, model.act_dim, args.buffer_size)
+        if state is not None and "critic" in state:
+            for obj, key in ((critic, "critic"), (critic_targ, "critic_targ"), (critic_opt, "critic_opt")):
+                obj.load_state_dict(state[key])
+            replay.load_state_dict(state["replay"])
     eval_envs = [make_env(args.env_id, render_mode="rgb_array" if args.capture_video else None)
                  for _ in range(args.eval_episodes)]
     space = anchor_env.action_space
@@ -597,9 +776,13 @@ def main(args: Args):
     meta = {k: ckpt[k] for k in ("model_config", "obs_mean", "obs_std", "env_id", "reward_scale", "data_source")}
 
     def save():
+        extra = {}
+        if args.advantage == "critic":  # the replay is part of the state: a resumed run must not lose it
+            extra = dict(critic=critic.state_dict(), critic_targ=critic_targ.state_dict(),
+                         critic_opt=critic_opt.state_dict(), replay=replay.state_dict())
         atomic_save(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
                          env_steps=env_steps, grad_steps=grad_steps, eval_env_steps=eval_env_steps,
-                         run_name=run_name, args=asdict(args)), ckpt_path)
+                         run_name=run_name, args=asdict(args), **extra), ckpt_path)
 
     def evaluate_and_log():
         nonlocal eval_env_steps
@@ -626,8 +809,13 @@ def main(args: Args):
         seed_everything(args.seed * 1_000_003 + iteration)
         rng = np.random.default_rng([args.seed, iteration])
 
-        batch = collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg,
-                               reset_seed=args.seed * 1_000_003 + iteration, rng=rng)
+        if args.advantage == "reset":
+            batch = collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg,
+                                   reset_seed=args.seed * 1_000_003 + iteration, rng=rng)
+        else:
+            batch = collect_critic_groups(model, [anchor_env, *branch_envs], critic, critic_targ, critic_opt, replay,
+                                          args, norm, scale, target_rtg, args.seed * 1_000_003 + iteration, rng)
+            writer.add_scalar("losses/critic_loss", batch["critic_loss"], env_steps + batch["env_steps"])
         env_steps += batch["env_steps"]
         stats, n_bad = grpo_update(model, optimizer, batch, args)
         grad_steps += len(stats)

@@ -86,12 +86,13 @@ def generate_random_dataset(env_id, steps, seed, path):
     layout (flat arrays + infos/qpos, infos/qvel) so that the D4RL reader loads it back."""
     env = dt_grpo.make_env(env_id)
     env.action_space.seed(seed)
-    u = env.unwrapped
+    data = getattr(env.unwrapped, "data", None)  # a black-box env (critic mode) exposes no simulator state
     cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "qpos", "qvel")}
     obs, _ = env.reset(seed=seed)
     for i in range(steps):
-        cols["qpos"].append(u.data.qpos.copy())
-        cols["qvel"].append(u.data.qvel.copy())
+        if data is not None:
+            cols["qpos"].append(data.qpos.copy())
+            cols["qvel"].append(data.qvel.copy())
         act = env.action_space.sample()
         nxt, r, terminated, truncated, _ = env.step(act)
         truncated = truncated or i == steps - 1  # the collection budget ends the last episode
@@ -106,7 +107,8 @@ def generate_random_dataset(env_id, steps, seed, path):
             for k in ("observations", "actions", "rewards"):
                 f[k] = np.asarray(cols[k], np.float32)
             f["terminals"], f["timeouts"] = np.asarray(cols["terminals"], bool), np.asarray(cols["timeouts"], bool)
-            f["infos/qpos"], f["infos/qvel"] = np.asarray(cols["qpos"]), np.asarray(cols["qvel"])
+            if data is not None:
+                f["infos/qpos"], f["infos/qvel"] = np.asarray(cols["qpos"]), np.asarray(cols["qvel"])
             f.attrs.update(env_id=env_id, seed=seed, generator="dt_grpo pretrain.py uniform random actions")
         os.replace(tmp, path)
     finally:

@@ -97,6 +97,15 @@ def test_left_padding_is_invisible():
     assert torch.isfinite(pmean).all()
 
 
+def test_last_only_equals_full_output():
+    """The rollout/update fast path (outputs of the last state token only) gives the full forward's numbers."""
+    model, x = tiny_model(), rand_inputs()
+    x["valid"][1, :2] = False  # with left padding too
+    mean, log_std = model(**x)
+    lmean, llog_std = model(**x, last_only=True)
+    assert torch.allclose(lmean, mean[:, -1], atol=1e-6) and torch.allclose(llog_std, log_std[:, -1], atol=1e-6)
+
+
 def test_log_prob_matches_torch_distributions_and_is_finite_at_bounds():
     from torch.distributions import Normal, TransformedDistribution
     from torch.distributions.transforms import TanhTransform
@@ -382,12 +391,83 @@ def test_checkpoint_for_another_env_and_set_state_free_env(tiny_ckpt, tmp_path):
     assert_one_line_error(p, "--checkpoint")
 
 
-def test_env_without_set_state_points_to_critic_mode(monkeypatch):
-    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+class BlackBox(__import__("gymnasium").Wrapper):
+    """A MuJoCo env seen as a black box: no set_state, no simulator access (a real robot, say)."""
 
-    monkeypatch.delattr(MujocoEnv, "set_state")
+    @property
+    def unwrapped(self):
+        return self
+
+    @property
+    def spec(self):
+        return self.env.spec
+
+    @spec.setter
+    def spec(self, value):  # gym.make sets env.unwrapped.spec
+        self.env.spec = value
+
+
+def make_black_box_hopper(**kwargs):
+    from gymnasium.envs.mujoco.hopper_v4 import HopperEnv
+
+    return BlackBox(HopperEnv(**kwargs))
+
+
+@pytest.fixture(scope="session")
+def black_box_env_id():
+    import gymnasium as gym
+
+    if "HopperBlackBox-v0" not in gym.registry:
+        gym.register("HopperBlackBox-v0", entry_point=make_black_box_hopper, max_episode_steps=1000)
+    env = gym.make("HopperBlackBox-v0")
+    assert not hasattr(env.unwrapped, "set_state") and not hasattr(env.unwrapped, "data")
+    return "HopperBlackBox-v0"
+
+
+def test_env_without_set_state_points_to_critic_mode(black_box_env_id):
     with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
-        dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", cuda=False))
+        dt_grpo.main(dt_grpo.Args(env_id=black_box_env_id, cuda=False))
+
+
+def test_td_target_hand_example():
+    y = dt_grpo.td_target(torch.tensor([10.0, 4.0]), torch.tensor([8.0, 5.0]), torch.tensor([1.0, 2.0]),
+                          torch.tensor([0.0, 1.0]), 0.9)
+    np.testing.assert_allclose(y.numpy(), [1.0 + 0.9 * 8.0, 2.0])  # min of the twins; no bootstrap when done
+
+
+def test_rollout_transitions_terminal_and_time_limit():
+    K = 2
+    states = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)  # slot 0 is the prefix, steps at slots 1..4
+    out = dict(buf=dict(states=states, actions=-states), length=np.array([3, 4]), terminated=np.array([True, False]),
+               rewards=np.arange(8, dtype=np.float64).reshape(2, 4), mean_action=np.full((2, 4, 1), 0.5, np.float32))
+    tr = dt_grpo.rollout_transitions(out, K)
+    # lane 0 terminated after 3 steps: 3 transitions, the last done; lane 1 hit the limit: its last step dropped
+    np.testing.assert_array_equal(tr["done"], [0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(tr["s"][:, 0], [1, 2, 3, 6, 7, 8])
+    np.testing.assert_array_equal(tr["s2"][:3, 0], [2, 3, 3]) and np.testing.assert_array_equal(tr["s2"][3:, 0], [7, 8, 9])
+    np.testing.assert_array_equal(tr["r"], [0, 1, 2, 4, 5, 6])
+
+
+def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    args = online_args(num_rollouts=2, critic_updates=5, critic_batch_size=16, gamma=0.99, tau=0.005,
+                       policy_noise=0.2, noise_clip=0.5, critic_lr=3e-4)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
+    critic = dt_grpo.TwinQ(model.obs_dim, model.act_dim)
+    targ = dt_grpo.TwinQ(model.obs_dim, model.act_dim)
+    targ.load_state_dict(critic.state_dict())
+    replay = dt_grpo.Replay(model.obs_dim, model.act_dim, 10_000)
+    torch.manual_seed(0)
+    b = dt_grpo.collect_critic_groups(model, envs, critic, targ, torch.optim.Adam(critic.parameters()), replay, args,
+                                      norm, ck["reward_scale"], 3600.0, 7, np.random.default_rng(0))
+    assert 0 < replay.n <= b["env_steps"]
+    assert np.isfinite(b["critic_loss"])
+    q = torch.as_tensor(b["R"])
+    adv = b["adv"].view_as(q)
+    assert torch.equal(adv.argmax(1), q.argmax(1)) and torch.allclose(adv.mean(1), torch.zeros(len(q)), atol=1e-5)
+    with torch.no_grad():
+        new = dt_grpo.recompute_log_prob(model, b, torch.arange(len(b["adv"])))[0]
+    assert (new - b["old_logp"]).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,6 +532,21 @@ def test_smoke_other_envs(env_id, tmp_path):
 def test_ablation_flags_run(tiny_ckpt, tmp_path, flags):
     p = run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "100", *TINY_ONLINE, *flags, cwd=tmp_path)
     assert "done:" in p.stdout
+
+
+def test_critic_mode_runs_on_black_box_env_and_resumes(black_box_env_id, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pretrain.main(pretrain.Args(env_id=black_box_env_id, dataset_steps=400, num_steps=3, eval_episodes=1, context_len=4,
+                                embed_dim=16, n_layer=1, output="bb.pt", cuda=False))
+    kw = dict(env_id=black_box_env_id, checkpoint="bb.pt", advantage="critic", num_rollouts=2, group_size=3,
+              num_resets=4, critic_updates=3, critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1)
+    dt_grpo.main(dt_grpo.Args(total_env_steps=40, **kw))
+    path = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
+    ck = torch.load(path, weights_only=False)
+    assert ck["grad_steps"] > 0 and ck["replay"]["n"] > 0 and "critic" in ck
+    dt_grpo.main(dt_grpo.Args(total_env_steps=ck["env_steps"] + 40, resume=path, **kw))
+    ck2 = torch.load(path, weights_only=False)
+    assert ck2["iteration"] > ck["iteration"] and ck2["replay"]["n"] > ck["replay"]["n"]
 
 
 def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monkeypatch):

@@ -1,0 +1,173 @@
+"""Throughput of GRPO-DT on this machine, in one run: env-only rate, group-rollout rate with the policy in the
+loop (dt_grpo.py's own run_lanes), seconds per GRPO update step and per pretraining step (default sizes and
+ODT's small size), and peak RSS.
+
+    python benchmarks/throughput.py                      # default sizes of dt_grpo.py / pretrain.py
+    python benchmarks/throughput.py --env-id Walker2d-v4 --steps 200
+
+Uses checkpoints/<env>__random.pt when present (a realistic policy: lanes live as long as it keeps the robot
+up); otherwise a freshly initialised DT of the default size."""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import dt_grpo  # noqa: E402
+import pretrain  # noqa: E402
+
+
+def env_only_rate(env_id, n_envs, steps, seed=0):
+    """Random actions through env.unwrapped.step for n_envs envs in lock-step (dead envs are reset): the limit."""
+    envs = [dt_grpo.make_env(env_id) for _ in range(n_envs)]
+    dt_grpo.reset_envs(envs, range(seed, seed + n_envs))
+    rng = np.random.default_rng(seed)
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    t = time.perf_counter()
+    for _ in range(steps):
+        acts = rng.uniform(low, high, (n_envs, len(low)))
+        for env, a in zip(envs, acts):
+            if env.unwrapped.step(a)[2]:
+                env.reset()
+    return n_envs * steps / (time.perf_counter() - t)
+
+
+def model_and_norm(env_id, cfg=None):
+    path = dt_grpo.default_checkpoint(env_id)
+    env = dt_grpo.make_env(env_id)
+    if cfg is None and os.path.isfile(path):
+        ck = dt_grpo.load_checkpoint(path, env_id)
+        model = dt_grpo.build_model(ck["model_config"])
+        model.load_state_dict(ck["model"])
+        norm = dt_grpo.Normalizer(ck["obs_mean"], ck["obs_std"], env.action_space.low, env.action_space.high)
+        return model.eval(), norm, f"checkpoint {path}"
+    d = pretrain.Args()
+    cfg = cfg or dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len)
+    model = dt_grpo.DecisionTransformer(env.observation_space.shape[0], env.action_space.shape[0], dropout=0.0, **cfg)
+    norm = dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim), env.action_space.low, env.action_space.high)
+    return model.eval(), norm, "fresh model"
+
+
+def group_rollout_rate(model, norm, env_id, a, repeats=3):
+    """run_lanes over M*G lanes from reset states, L_traj sampled + L_eval mean steps: simulated steps per second."""
+    B = a.num_resets * a.group_size
+    envs = [dt_grpo.make_env(env_id) for _ in range(B)]
+    total, secs = 0, 0.0
+    for r in range(repeats):
+        obs = dt_grpo.reset_envs(envs, range(100 * r, 100 * r + B))
+        t = time.perf_counter()
+        out = dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj,
+                                np.full(B, a.l_traj + a.l_eval), norm, 0.001)
+        secs += time.perf_counter() - t
+        total += int(out["length"].sum())
+    return total / secs, total / repeats / B
+
+
+def rollout_profile(model, norm, env_id, a):
+    """Where a group rollout's time goes (cProfile of one run_lanes call): transformer forward, simulator, rest."""
+    import cProfile
+    import inspect
+    import pstats
+
+    B = a.num_resets * a.group_size
+    envs = [dt_grpo.make_env(env_id) for _ in range(B)]
+    obs = dt_grpo.reset_envs(envs, range(B))
+    prof = cProfile.Profile()
+    prof.enable()
+    dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj, np.full(B, a.l_traj + a.l_eval),
+                      norm, 0.001)
+    prof.disable()
+    st = pstats.Stats(prof).stats  # key (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    fwd_line = inspect.getsourcelines(dt_grpo.DecisionTransformer.forward)[1]
+    total = max(v[3] for k, v in st.items() if k[2] == "run_lanes")
+    fwd = sum(v[3] for k, v in st.items() if k[2] == "forward" and k[1] == fwd_line and k[0].endswith("dt_grpo.py"))
+    sim = sum(v[3] for k, v in st.items() if k[2] == "step" and "envs/mujoco" in k[0])
+    return total, fwd, sim
+
+
+def grpo_update_seconds(model, norm, env_id, a, steps):
+    envs = [dt_grpo.make_env(env_id) for _ in range(1 + a.num_resets * a.group_size)]
+    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], a, norm, 0.001, 3600.0, reset_seed=0,
+                                   rng=np.random.default_rng(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-6)
+    run = lambda n: dt_grpo.grpo_update(model, opt, batch, argparse.Namespace(**{**vars(a), "update_epochs": n}))  # noqa: E731
+    run(1)  # warm-up
+    t = time.perf_counter()
+    stats, _ = run(steps)
+    return (time.perf_counter() - t) / max(len(stats), 1), batch["actions"].shape
+
+
+def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
+    torch.manual_seed(0)
+    model = dt_grpo.DecisionTransformer(obs_dim, act_dim, dropout=0.1, **cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    K = cfg["context_len"]
+    b = dict(rtg=torch.randn(batch_size, K, 1), states=torch.randn(batch_size, K, obs_dim),
+             actions=torch.rand(batch_size, K, act_dim) * 2 - 1, timesteps=torch.randint(0, 1000, (batch_size, K)),
+             valid=torch.ones(batch_size, K, dtype=torch.bool))
+    times = []
+    for i in range(steps + 3):
+        t = time.perf_counter()
+        mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
+        loss = -dt_grpo.log_prob(mean, log_std, b["actions"]).mean() - 0.1 * dt_grpo.entropy_estimate(mean, log_std).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main():
+    d = dt_grpo.Args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-id", default=d.env_id)
+    p.add_argument("--steps", type=int, default=300, help="lock-step steps of the env-only measurement")
+    p.add_argument("--update-steps", type=int, default=5, help="timed steps per gradient-step measurement")
+    for k in ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches", "clip_eps", "ratio", "adv_eps",
+              "reset_sampling", "relabel", "ent_coef", "max_grad_norm"):
+        p.add_argument("--" + k.replace("_", "-"), type=type(getattr(d, k)), default=getattr(d, k))
+    a = p.parse_args()
+    B = a.num_resets * a.group_size
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.env_id}; {B} lanes "
+          f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
+    rows = []
+    env_rate = env_only_rate(a.env_id, B, a.steps)
+    rows.append(("1. env-only rate (random actions, same number of envs)", f"{env_rate:,.0f} steps/s"))
+    model, norm, what = model_and_norm(a.env_id)
+    rate, mean_len = group_rollout_rate(model, norm, a.env_id, a)
+    rows.append((f"2. group-rollout rate, policy in the loop ({what}; mean branch length {mean_len:.0f})",
+                 f"{rate:,.0f} steps/s = {rate / env_rate:.2f} x env-only"))
+    total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
+    rows.append(("2b. where a group rollout's time goes (cProfile)", f"forward {100 * fwd / total:.0f}%, simulator "
+                 f"{100 * sim / total:.0f}%, rest (buffers, indexing, Python) {100 * (total - fwd - sim) / total:.0f}%"))
+    sec, shape = grpo_update_seconds(model, norm, a.env_id, a, a.update_steps)
+    rows.append((f"3a. GRPO update step, default model ({shape[0]} branches x {shape[1]} actions / {a.num_minibatches} "
+                 "minibatches)", f"{sec:.3f} s"))
+    dp = pretrain.Args()
+    obs_dim, act_dim = model.obs_dim, model.act_dim
+    default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
+    sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, dp.batch_size, a.update_steps)
+    rows.append((f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
+                 f"batch {dp.batch_size})", f"{sec:.3f} s"))
+    odt_cfg = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20)
+    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, 64, a.update_steps)
+    rows.append(("3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch 64; ODT: 0.175 s)",
+                 f"{sec:.3f} s"))
+    small, _, _ = model_and_norm(a.env_id, cfg=odt_cfg)
+    sec, _ = grpo_update_seconds(small, norm, a.env_id, a, a.update_steps)
+    rows.append(("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s"))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows.append(("4. peak RSS of this process", f"{rss:,.0f} MB"))
+    w = max(len(r[0]) for r in rows)
+    print("\n".join(f"{r[0]:<{w}}  {r[1]}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

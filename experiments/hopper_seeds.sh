@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Reproduces the README's Results: the default GRPO-DT run on Hopper-v4 for several seeds, side by side with one
+# torch thread each, from the default random-data pretraining (made once, seed 1), then the table and the plot.
+#   SEEDS="1 2 3" STEPS=300000 TAG=results bash experiments/hopper_seeds.sh [extra dt_grpo.py flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=${SEEDS:-"1 2 3"}; STEPS=${STEPS:-300000}; TAG=${TAG:-results}
+[ -f checkpoints/Hopper-v4__random.pt ] || python pretrain.py --env-id Hopper-v4
+mkdir -p experiments/logs
+for s in $SEEDS; do
+  python dt_grpo.py --env-id Hopper-v4 --seed "$s" --total-env-steps "$STEPS" --exp-name "$TAG" --torch-threads 1 \
+    --checkpoint checkpoints/Hopper-v4__random.pt "$@" > "experiments/logs/${TAG}_seed$s.log" 2>&1 &
+done
+wait
+python experiments/plot_results.py $(ls -d runs/Hopper-v4__"$TAG"__* | sort) --out "experiments/$TAG"
