@@ -99,7 +99,7 @@ class Args:
     # QGRPO: critic-based group advantages where the simulator cannot be reset
     advantage: Literal["reset", "critic"] = "reset"
     """group advantages from simulator resets (GRPO-DT) or from a learned twin-Q critic (QGRPO, no set_state)"""
-    num_rollouts: int = 4
+    num_rollouts: int = 8
     """critic mode: episodes collected per iteration, in lock-step, from fresh resets"""
     critic_lr: float = 3e-4
     """critic mode: Adam learning rate of the twin Q-networks"""
@@ -107,8 +107,8 @@ class Args:
     """critic mode: discount of the TD target"""
     tau: float = 0.005
     """critic mode: Polyak rate of the target Q-networks"""
-    critic_updates: int = 200
-    """critic mode: critic gradient steps per iteration"""
+    critic_utd: float = 0.25
+    """critic mode: critic gradient steps per newly collected transition (update-to-data ratio)"""
     critic_batch_size: int = 256
     """critic mode: transitions per critic step"""
     policy_noise: float = 0.2
@@ -344,7 +344,7 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
     var = np.zeros((B, S), np.float32)
     mean_action = np.zeros((B, S, model.act_dim), np.float32)
     terminated = np.zeros(B, bool)
-    qpos, qvel = ([None] * S, [None] * S) if record_state else (None, None)
+    qpos, qvel = [], []  # record_state: the simulator state of lane 0 (the anchor) before each of its steps
     obs = np.asarray(first_obs, np.float32).copy()
     rtg = torch.as_tensor(np.asarray(rtg0, np.float32), device=device)
     t0, max_steps = np.asarray(t0), np.asarray(max_steps)
@@ -361,9 +361,9 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         buf["rtg"][idx, i, 0] = rtg[idx]
         buf["timesteps"][idx, i] = torch.as_tensor(np.minimum(t0[lanes] + j, model.max_ep_len - 1), device=device)
         buf["valid"][idx, i] = True
-        if record_state:
-            qpos[j] = np.stack([envs[b].unwrapped.data.qpos.copy() for b in lanes])
-            qvel[j] = np.stack([envs[b].unwrapped.data.qvel.copy() for b in lanes])
+        if record_state and active[0]:
+            qpos.append(envs[0].unwrapped.data.qpos.copy())
+            qvel.append(envs[0].unwrapped.data.qvel.copy())
         win = {k: v[idx, j : j + K] for k, v in buf.items()}
         mean, log_std = model(win["rtg"], win["states"], win["actions"], win["timesteps"], win["valid"], last_only=True)
         if j < n_sample:
@@ -372,9 +372,10 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         else:
             act = torch.tanh(mean)
         buf["actions"][idx, i] = act
-        var[lanes, j] = (2 * log_std).exp().mean(-1).cpu().numpy()
-        mean_action[lanes, j] = torch.tanh(mean).cpu().numpy()
-        act_env = norm.act(act.cpu().numpy())
+        # one device-to-host copy per step: sampled action, mean action, action variance (mean over dims)
+        host = torch.cat([act, torch.tanh(mean), (2 * log_std).exp().mean(-1, keepdim=True)], -1).cpu().numpy()
+        mean_action[lanes, j], var[lanes, j] = host[:, model.act_dim : -1], host[:, -1]
+        act_env = norm.act(host[:, : model.act_dim])
         r = np.zeros(len(lanes))
         for n, b in enumerate(lanes):  # the simulator has no batched step: one call per lane
             obs[b], r[n], terminated[b], _, _ = envs[b].unwrapped.step(act_env[n])
@@ -386,9 +387,8 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         rtg[idx] -= torch.as_tensor(r * reward_scale, dtype=torch.float32, device=device)
     out = dict(buf=buf, rewards=rewards, length=length, logp=logp, var=var, mean_action=mean_action,
                terminated=terminated)
-    if record_state:  # lane 0 only is needed (the anchor): keep its per-step simulator state
-        out["qpos"] = np.stack([q[0] for q in qpos[: length[0]]])
-        out["qvel"] = np.stack([q[0] for q in qvel[: length[0]]])
+    if record_state:
+        out["qpos"], out["qvel"] = np.stack(qpos), np.stack(qvel)
     return out
 
 
@@ -628,10 +628,10 @@ def rollout_transitions(out, K):
     return {k: np.concatenate(v) for k, v in cols.items()}
 
 
-def critic_update(critic, critic_targ, optimizer, replay, args, rng, device):
-    """args.critic_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak targets."""
+def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device):
+    """n_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak-averaged targets."""
     losses = []
-    for _ in range(args.critic_updates):
+    for _ in range(n_updates):
         b = replay.sample(args.critic_batch_size, rng, device)
         with torch.no_grad():
             noise = (torch.randn_like(b["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
@@ -662,7 +662,8 @@ def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, 
                     np.full(n, model.max_ep_len), norm, scale)
     tr = rollout_transitions(out, K)
     replay.add(**tr)
-    critic_loss = critic_update(critic, critic_targ, critic_opt, replay, args, rng, device)
+    n_updates = int(np.ceil(args.critic_utd * len(tr["r"])))
+    critic_loss = critic_update(critic, critic_targ, critic_opt, replay, n_updates, args, rng, device)
     # 2. Active sampling of states over all rollout steps.
     lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
     step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])

@@ -450,7 +450,7 @@ def test_rollout_transitions_terminal_and_time_limit():
 
 def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    args = online_args(num_rollouts=2, critic_updates=5, critic_batch_size=16, gamma=0.99, tau=0.005,
+    args = online_args(num_rollouts=2, critic_utd=0.1, critic_batch_size=16, gamma=0.99, tau=0.005,
                        policy_noise=0.2, noise_clip=0.5, critic_lr=3e-4)
     envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
     critic = dt_grpo.TwinQ(model.obs_dim, model.act_dim)
@@ -539,7 +539,7 @@ def test_critic_mode_runs_on_black_box_env_and_resumes(black_box_env_id, tmp_pat
     pretrain.main(pretrain.Args(env_id=black_box_env_id, dataset_steps=400, num_steps=3, eval_episodes=1, context_len=4,
                                 embed_dim=16, n_layer=1, output="bb.pt", cuda=False))
     kw = dict(env_id=black_box_env_id, checkpoint="bb.pt", advantage="critic", num_rollouts=2, group_size=3,
-              num_resets=4, critic_updates=3, critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1)
+              num_resets=4, critic_utd=0.1, critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1)
     dt_grpo.main(dt_grpo.Args(total_env_steps=40, **kw))
     path = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
     ck = torch.load(path, weights_only=False)
