@@ -57,8 +57,8 @@ class Args:
     """path of a checkpoint written by this script: continue that run where it stopped"""
     total_env_steps: int = 2_000_000
     """budget of simulated steps (anchor + branches, evaluation not counted)"""
-    learning_rate: float = 1e-4
-    """Adam learning rate of the online updates"""
+    learning_rate: float = 3e-5
+    """Adam learning rate of the online updates (tuned on Hopper-v4: 1e-4 reaches the same peak but oscillates)"""
     target_rtg: Optional[float] = None
     """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
     eval_rtg: Optional[float] = None
