@@ -420,8 +420,9 @@ def evaluate(model, envs, norm, reward_scale, eval_rtg, seed, frames=None):
 # GRPO-DT math, each piece a small function (tested in test_dt_grpo.py)
 # ---------------------------------------------------------------------------------------------------
 def sample_reset_indices(var, num, mode, rng: np.random.Generator):
-    """Active sampling (paper Sec. 3.4): draw `num` distinct anchor steps with probability proportional to the
-    policy's action variance (mean over action dims); `uniform` is the ablation. Fewer steps than `num`: take all."""
+    """Active sampling (paper's abstract; the rule is ours): draw `num` distinct anchor steps with probability
+    proportional to the policy's action variance (mean over action dims); `uniform` is the ablation. An anchor
+    shorter than `num` steps gives all of its steps."""
     T = len(var)
     if T <= num:
         return np.arange(T)
@@ -559,8 +560,8 @@ def grpo_update(model, optimizer, batch, args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# QGRPO (paper Sec. 3.5): where the simulator cannot be reset, a TD3-style twin-Q critic scores G candidate
-# actions at states along ordinary rollouts; the same group normalisation and clipped objective follow.
+# QGRPO (the paper's no-reset variant): where the simulator cannot be reset, a TD3-style twin-Q critic scores G
+# candidate actions at states along ordinary rollouts; the same group normalisation and clipped objective follow.
 # ---------------------------------------------------------------------------------------------------
 class TwinQ(nn.Module):
     """Q1, Q2 (s, a) -> R: 256-256 MLPs on the normalised observation (Markov in MuJoCo; no RTG, no context)."""

@@ -16,6 +16,7 @@ import dt_grpo
 import pretrain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date.*")  # the -v4 envs are used on purpose
 TINY_MODEL = ["--context-len", "5", "--embed-dim", "32", "--n-layer", "2", "--n-head", "2"]
 TINY_ONLINE = ["--group-size", "3", "--num-resets", "2", "--l-traj", "3", "--l-eval", "5", "--eval-episodes", "2",
                "--eval-every", "1", "--update-epochs", "2", "--num-minibatches", "2"]

@@ -2,6 +2,7 @@
 # Reproduces the README's Results: the default GRPO-DT run on Hopper-v4 for several seeds, side by side with one
 # torch thread each, from the default random-data pretraining (made once, seed 1), then the table and the plot.
 #   SEEDS="1 2 3" STEPS=300000 TAG=results bash experiments/hopper_seeds.sh [extra dt_grpo.py flags]
+# Every runs/Hopper-v4__<TAG>__* folder enters the table, earlier ones too: use a new TAG per experiment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1 2 3"}; STEPS=${STEPS:-300000}; TAG=${TAG:-results}
