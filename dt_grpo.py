@@ -701,7 +701,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def check_args(args: Args):
+    """Flags out of range end with one error line instead of a NaN loss or an empty batch later."""
+    for name, low in [("group_size", 2), ("num_resets", 1), ("l_traj", 1), ("l_eval", 0), ("eval_every", 1),
+                      ("eval_episodes", 1), ("update_epochs", 1), ("num_minibatches", 1), ("num_rollouts", 1),
+                      ("critic_batch_size", 1), ("buffer_size", 1)]:
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)}).")
+    for name in ("learning_rate", "clip_eps", "critic_lr", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1:
+        raise UserError(f"--gamma must lie in [0, 1] and --tau in (0, 1] (got {args.gamma}, {args.tau}).")
+
+
 def main(args: Args):
+    check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     seed_everything(args.seed)
@@ -744,6 +759,10 @@ def main(args: Args):
         iteration, env_steps, grad_steps = state["iteration"], state["env_steps"], state["grad_steps"]
         eval_env_steps, run_name = state["eval_env_steps"], state["run_name"]
         print(f"resuming {run_name} at iteration {iteration} ({env_steps} env steps)")
+        changed = {k: (state["args"].get(k), v) for k, v in asdict(args).items()
+                   if k not in ("resume", "checkpoint", "total_env_steps") and state["args"].get(k) != v}
+        if changed:  # the command line's flags apply; say where they differ from the run's own
+            print(f"warning: flags differ from the resumed run's (was, now): {changed}")
 
     from torch.utils.tensorboard import SummaryWriter
 

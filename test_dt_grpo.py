@@ -371,6 +371,14 @@ def test_bad_env_ids(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
 
 
+@pytest.mark.parametrize("flags,word", [(["--group-size", "1"], "--group-size"), (["--l-traj", "0"], "--l-traj"),
+                                        (["--clip-eps", "0"], "--clip-eps"), (["--gamma", "1.5"], "--gamma")])
+def test_bad_flags(tmp_path, flags, word):
+    p = run("dt_grpo.py", *flags, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, word)
+    assert not os.listdir(tmp_path)  # rejected before anything is pretrained or written
+
+
 def test_bad_datasets(tmp_path):
     p = run("pretrain.py", "--dataset", "missing.hdf5", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "not found")
@@ -514,7 +522,7 @@ def test_smoke_run_writes_tensorboard_and_checkpoint_and_resumes_deterministical
     partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
     assert torch.load(partial, weights_only=False)["iteration"] == 1
     pr = run("dt_grpo.py", "--resume", partial, "--total-env-steps", "300", *TINY_ONLINE, cwd=c)
-    assert "resuming" in pr.stdout
+    assert "resuming" in pr.stdout and "warning" not in pr.stdout  # same flags: no warning
     assert last_eval(pr.stdout) == last_eval(pa.stdout)[2:]  # iterations 2.. as in the uninterrupted run
     assert torch.load(partial, weights_only=False)["iteration"] == n_iter
 
