@@ -172,6 +172,15 @@ def make_env(env_id: str, render_mode=None) -> gym.Env:
     return env
 
 
+def make_writer(run_name: str, args):
+    """TensorBoard writer under runs/<run_name>, with the run's flags as a markdown table."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
 def die(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -546,7 +555,7 @@ def grpo_update(model, optimizer, batch, args):
                                                          batch["adv"][mb], args.clip_eps, args.ratio)
             if args.ent_coef > 0:  # off by default: the paper's objective is pure RL
                 loss = loss - args.ent_coef * entropy_estimate(mean, log_std).mean()
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss):  # one host sync per minibatch: the price of skipping a bad step
                 n_bad += 1
                 continue
             optimizer.zero_grad()
@@ -764,15 +773,12 @@ def main(args: Args):
         if changed:  # the command line's flags apply; say where they differ from the run's own
             print(f"warning: flags differ from the resumed run's (was, now): {changed}")
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.track:
+    if args.track:  # before the writer exists, so that wandb can mirror it
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = make_writer(run_name, args)
 
     # Envs: one anchor lane, M*G branch lanes, one lane per evaluation episode. All stepped through env.unwrapped:
     # we track the time limit ourselves (set_state does not touch gymnasium's TimeLimit counter).

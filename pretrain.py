@@ -252,11 +252,7 @@ def main(args: Args):
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
     target_entropy = -cfg["act_dim"]
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = dt_grpo.make_writer(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}", args)
     model.train()
     t_start = time.time()
     for step in range(1, args.num_steps + 1):
