@@ -14,6 +14,7 @@ import random
 import sys
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -63,7 +64,7 @@ class Args:
     """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
     eval_rtg: Optional[float] = None
     """return-to-go of the deterministic evaluation; default: same as target-rtg"""
-    eval_every: int = 10
+    eval_every: int = 5
     """evaluate (and checkpoint) every this many iterations"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes"""
@@ -75,6 +76,9 @@ class Args:
     """L_traj: sampled actions per branch (these enter the likelihood ratio)"""
     l_eval: int = 400
     """L_eval: mean-action steps that follow, to score the branch (rewards count in R_i)"""
+    anchor_policy: Literal["sample", "mean"] = "mean"
+    """how the anchor rollout acts: sampled actions, or the mean action (reset states then lie on the path the
+    deterministic policy, the one evaluated, actually visits)"""
     reset_sampling: Literal["variance", "uniform"] = "variance"
     """how reset states are drawn: with probability proportional to the action variance, or uniformly"""
     ratio: Literal["sequence", "gspo", "token"] = "sequence"
@@ -234,12 +238,14 @@ class DecisionTransformer(nn.Module):
     exactly the same outputs as the same steps without padding."""
 
     def __init__(self, obs_dim, act_dim, embed_dim=128, n_layer=3, n_head=1, context_len=20, max_ep_len=1000,
-                 dropout=0.1):
+                 dropout=0.1, time_embed=True):
         super().__init__()
         self.config = dict(obs_dim=obs_dim, act_dim=act_dim, embed_dim=embed_dim, n_layer=n_layer, n_head=n_head,
-                           context_len=context_len, max_ep_len=max_ep_len, dropout=dropout)
+                           context_len=context_len, max_ep_len=max_ep_len, dropout=dropout, time_embed=time_embed)
         self.obs_dim, self.act_dim, self.context_len, self.max_ep_len = obs_dim, act_dim, context_len, max_ep_len
-        self.embed_t = nn.Embedding(max_ep_len, embed_dim)
+        # absolute timestep embedding (DT/ODT); time_embed=False drops it (rows for timesteps the offline data never
+        # reach, above 132 in random Hopper data, would otherwise stay at their random initial values)
+        self.embed_t = nn.Embedding(max_ep_len, embed_dim) if time_embed else None
         self.embed_R, self.embed_s = nn.Linear(1, embed_dim), nn.Linear(obs_dim, embed_dim)
         self.embed_a = nn.Linear(act_dim, embed_dim)
         self.ln_in, self.drop = nn.LayerNorm(embed_dim), nn.Dropout(dropout)
@@ -253,7 +259,7 @@ class DecisionTransformer(nn.Module):
         Returns mean and log_std (B,T,act) of the pre-tanh Gaussian at every state token; with last_only, only at
         the last step's state token, shape (B,act) (rollouts and the GRPO update need nothing else)."""
         B, T, _ = states.shape
-        te = self.embed_t(timesteps)
+        te = self.embed_t(timesteps) if self.embed_t is not None else 0.0
         tokens = torch.stack([self.embed_R(rtg) + te, self.embed_s(states) + te, self.embed_a(actions) + te], dim=2)
         x = self.drop(self.ln_in(tokens.reshape(B, 3 * T, -1)))
         keys_ok = valid.repeat_interleave(3, dim=1)[:, None, :]  # (B,1,3T)
@@ -492,9 +498,11 @@ def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg
     Returns everything the update needs (windows exactly as fed, actions, behaviour log-probs, advantages)."""
     K, M, G, L = model.context_len, args.num_resets, args.group_size, args.l_traj
     device = next(model.parameters()).device
-    # 1. Anchor rollout: sample from pi_theta_old; RTG tokens start at the target and fall by each scaled reward.
+    # 1. Anchor rollout under pi_theta_old (sampled or mean actions, --anchor-policy); RTG tokens start at the
+    #    target and fall by each scaled reward.
     obs0 = reset_envs([anchor_env], [reset_seed])
-    anchor = run_lanes(model, [anchor_env], obs0, [target_rtg * scale], [0], model.max_ep_len, [model.max_ep_len],
+    n_sample = model.max_ep_len if args.anchor_policy == "sample" else 0
+    anchor = run_lanes(model, [anchor_env], obs0, [target_rtg * scale], [0], n_sample, [model.max_ep_len],
                        norm, scale, record_state=True)
     T = int(anchor["length"][0])
 
@@ -770,8 +778,8 @@ def main(args: Args):
         print(f"resuming {run_name} at iteration {iteration} ({env_steps} env steps)")
         changed = {k: (state["args"].get(k), v) for k, v in asdict(args).items()
                    if k not in ("resume", "checkpoint", "total_env_steps") and state["args"].get(k) != v}
-        if changed:  # the command line's flags apply; say where they differ from the run's own
-            print(f"warning: flags differ from the resumed run's (was, now): {changed}")
+        if changed:  # flags given next to --resume override the run's own; say which
+            print(f"warning: flags changed from the resumed run's (was, now): {changed}")
 
     if args.track:  # before the writer exists, so that wandb can mirror it
         import wandb
@@ -876,9 +884,24 @@ def main(args: Args):
     print(f"done: {env_steps} env steps, {grad_steps} grad steps; checkpoint {ckpt_path}")
 
 
+def parse_args(argv=None) -> Args:
+    """tyro.cli, except that with --resume the resumed run's own flags are the defaults: `--resume PATH` alone
+    continues the same experiment, and any flag given next to it overrides (a warning lists what changed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None)
+                   for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
+    default = None
+    if resume and os.path.isfile(resume):
+        saved = torch.load(resume, map_location="cpu", weights_only=False)
+        if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
+            fields = {f.name for f in dataclasses.fields(Args)}
+            default = Args(**{k: v for k, v in saved["args"].items() if k in fields})
+    return tyro.cli(Args, args=argv, default=default)
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args())
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:

@@ -52,6 +52,9 @@ class Args:
     """dropout during pretraining (the online loop runs the model without dropout)"""
     max_ep_len: int = 1000
     """largest DT timestep (the episode time limit)"""
+    time_embed: bool = False
+    """if toggled, add DT/ODT's absolute timestep embedding (off by default: random data never reach t > 132, so
+    the rows of later timesteps stay random and the pretrained DT fails there; README, implementation details)"""
     reward_scale: float = 0.001
     """returns-to-go are multiplied by this before they enter the model"""
     num_steps: int = 2000
@@ -244,7 +247,7 @@ def main(args: Args):
 
     cfg = dict(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
                n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len, max_ep_len=args.max_ep_len,
-               dropout=args.dropout)
+               dropout=args.dropout, time_embed=args.time_embed)
     model = dt_grpo.build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))

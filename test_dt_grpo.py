@@ -107,6 +107,19 @@ def test_last_only_equals_full_output():
     assert torch.allclose(lmean, mean[:, -1], atol=1e-6) and torch.allclose(llog_std, log_std[:, -1], atol=1e-6)
 
 
+def test_time_embed_flag_controls_timestep_dependence():
+    """With the timestep embedding the output depends on the timesteps; --no-time-embed removes that dependence
+    (and the embedding table), and the choice survives a config round trip through build_model."""
+    x = rand_inputs()
+    y = dict(x, timesteps=(x["timesteps"] + 500) % 1000)
+    with_t = tiny_model()
+    assert not torch.allclose(with_t(**x)[0], with_t(**y)[0], atol=1e-4)
+    torch.manual_seed(0)
+    no_t = dt_grpo.build_model(dict(with_t.config, time_embed=False)).eval()
+    assert no_t.embed_t is None and no_t.config["time_embed"] is False
+    assert torch.allclose(no_t(**x)[0], no_t(**y)[0], atol=1e-6)
+
+
 def test_log_prob_matches_torch_distributions_and_is_finite_at_bounds():
     from torch.distributions import Normal, TransformedDistribution
     from torch.distributions.transforms import TanhTransform
@@ -299,16 +312,17 @@ def load_tiny(path):
 
 def online_args(**kw):
     base = dict(num_resets=3, group_size=4, l_traj=4, l_eval=6, reset_sampling="variance", relabel=False,
+                anchor_policy="sample",
                 adv_eps=1e-6, update_epochs=1, num_minibatches=1, clip_eps=0.2, ratio="sequence", ent_coef=0.0,
                 max_grad_norm=0.5)
     base.update(kw)
     return SimpleNamespace(**base)
 
 
-@pytest.mark.parametrize("relabel", [False, True])
-def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, relabel):
+@pytest.mark.parametrize("relabel,anchor_policy", [(False, "sample"), (True, "sample"), (False, "mean")])
+def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, relabel, anchor_policy):
     model, norm, ck = load_tiny(tiny_ckpt)
-    args = online_args(relabel=relabel)
+    args = online_args(relabel=relabel, anchor_policy=anchor_policy)
     envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 12)]
     torch.manual_seed(0)
     b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
@@ -334,6 +348,11 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
         assert diff < 1e-5
     assert b["adv"].shape == (m * 4,) and torch.isfinite(b["adv"]).all()
     np.testing.assert_allclose(b["R"].reshape(-1), b["branch"]["rewards"].sum(1))
+    # the anchor's actions: the squashed mean under --anchor-policy mean, samples (off the mean) otherwise
+    T = b["anchor_len"]
+    acts = b["anchor"]["buf"]["actions"][0, K - 1 : K - 1 + T].numpy()
+    gap = np.abs(acts - b["anchor"]["mean_action"][0, :T]).max()
+    assert (gap < 1e-6) if anchor_policy == "mean" else (gap > 1e-2)
 
 
 def test_branch_respects_time_limit_and_continues_timesteps(tiny_ckpt):
@@ -514,14 +533,15 @@ def test_smoke_run_writes_tensorboard_and_checkpoint_and_resumes_deterministical
         assert t in tags, t
     ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert ck["env_steps"] >= 300 and ck["grad_steps"] > 0
-    # resume: run 2 iterations, then resume to the same budget: the same evaluations as the uninterrupted run
+    # resume: run 1 iteration, then resume to the same budget: the same evaluations as the uninterrupted run
     c = tmp_path / "c"
     c.mkdir()
     n_iter = ck["iteration"]
     run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "1", *TINY_ONLINE, cwd=c)
     partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
     assert torch.load(partial, weights_only=False)["iteration"] == 1
-    pr = run("dt_grpo.py", "--resume", partial, "--total-env-steps", "300", *TINY_ONLINE, cwd=c)
+    # only --resume and the budget: every other flag comes from the resumed run (not from Args' defaults)
+    pr = run("dt_grpo.py", "--resume", partial, "--total-env-steps", "300", cwd=c)
     assert "resuming" in pr.stdout and "warning" not in pr.stdout  # same flags: no warning
     assert last_eval(pr.stdout) == last_eval(pa.stdout)[2:]  # iterations 2.. as in the uninterrupted run
     assert torch.load(partial, weights_only=False)["iteration"] == n_iter
