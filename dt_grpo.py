@@ -9,12 +9,12 @@ Offline pretraining of the same model lives in pretrain.py (it imports this file
 Run: python dt_grpo.py --env-id Hopper-v4    (see README.md for every flag's role)
 """
 
+import dataclasses
 import os
 import random
 import sys
 import time
 import warnings
-import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
