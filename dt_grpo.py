@@ -232,7 +232,8 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (R_1, s_1, a_1, R_2, ...) + absolute timestep embedding; actions are read from state tokens.
+    """Tokens (R_1, s_1, a_1, R_2, ...), optionally + an absolute timestep embedding (off by default; the causal
+    mask alone carries the order); actions are read from state tokens.
 
     `valid` marks real steps: padded steps are never attended to, so a left-padded window of K steps gives
     exactly the same outputs as the same steps without padding."""
