@@ -885,6 +885,15 @@ def main(args: Args):
     print(f"done: {env_steps} env steps, {grad_steps} grad steps; checkpoint {ckpt_path}")
 
 
+def run_args(ckpt) -> Optional[Args]:
+    """The Args a dt_grpo.py checkpoint was run with (flags unknown to this version dropped); None for any other
+    file, a pretraining checkpoint included."""
+    if not (isinstance(ckpt, dict) and "iteration" in ckpt and isinstance(ckpt.get("args"), dict)):
+        return None
+    fields = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
+
+
 def parse_args(argv=None) -> Args:
     """tyro.cli, except that with --resume the resumed run's own flags are the defaults: `--resume PATH` alone
     continues the same experiment, and any flag given next to it overrides (a warning lists what changed)."""
@@ -893,10 +902,10 @@ def parse_args(argv=None) -> Args:
                    for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
     default = None
     if resume and os.path.isfile(resume):
-        saved = torch.load(resume, map_location="cpu", weights_only=False)
-        if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
-            fields = {f.name for f in dataclasses.fields(Args)}
-            default = Args(**{k: v for k, v in saved["args"].items() if k in fields})
+        try:
+            default = run_args(torch.load(resume, map_location="cpu", weights_only=False))
+        except Exception:  # noqa: BLE001 -- an unreadable file gets main's one-line error from load_checkpoint
+            pass
     return tyro.cli(Args, args=argv, default=default)
 
 

@@ -29,9 +29,8 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     ck = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
-    args = dt_grpo.Args(**{k: v for k, v in ck.get("args", {}).items() if k in dt_grpo.Args.__dataclass_fields__})
-    if "iteration" not in ck:  # a pretraining checkpoint: its args are pretrain.py's; use dt_grpo's defaults
-        args = dt_grpo.Args(env_id=ck["env_id"])
+    # the run's own flags; a pretraining checkpoint has none of dt_grpo's, so its defaults apply
+    args = dt_grpo.run_args(ck) or dt_grpo.Args(env_id=ck["env_id"])
     if a.l_eval is not None:
         args.l_eval = a.l_eval
     model = dt_grpo.build_model(ck["model_config"])
