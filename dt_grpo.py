@@ -79,8 +79,30 @@ class Args:
     anchor_policy: Literal["sample", "mean"] = "mean"
     """how the anchor rollout acts: sampled actions, or the mean action (reset states then lie on the path the
     deterministic policy, the one evaluated, actually visits)"""
-    reset_sampling: Literal["variance", "uniform"] = "variance"
-    """how reset states are drawn: with probability proportional to the action variance, or uniformly"""
+    reset_sampling: Literal["variance", "uniform", "failure"] = "variance"
+    """how reset states are drawn: with probability proportional to the action variance, uniformly, or (failure)
+    uniformly among the last --failure-window steps before the anchor fell (by variance if it did not fall)"""
+    failure_window: int = 100
+    """reset-sampling failure: how many steps before the anchor's termination the reset states are drawn from"""
+    score_gamma: float = 1.0
+    """discount of the branch score R_i = sum_t score_gamma^t r_t over the L_traj + L_eval steps (1 = undiscounted)"""
+    alive_bonus: Literal["keep", "drop"] = "keep"
+    """drop: subtract the env's healthy reward from every branch step in the training signal (ARS's shift);
+    evaluation always reports the env's true return"""
+    adv_norm: Literal["std", "floor", "none"] = "std"
+    """group advantage: (R - mean) / (std + adv_eps) (GRPO), / max(std, --adv-std-floor), or R - mean (Dr. GRPO)"""
+    adv_std_floor: float = 1.0
+    """adv-norm floor: the smallest std the group advantage divides by (in units of the branch score)"""
+    min_group_std: float = -1.0
+    """groups whose within-group std of R_i is at most this are dropped from the update (DAPO's filter); negative
+    keeps every group (GRPO); 0 drops exactly flat groups, whose advantage is zero anyway"""
+    continuation_temp: float = 0.0
+    """L_eval actions: 0 = mean action; > 0 = sampled with the policy's std times this, the same noise for every
+    branch of a group (common random numbers)"""
+    l_eval_start: Optional[int] = None
+    """if set, L_eval grows linearly from this to --l-eval over the first --l-eval-ramp env steps"""
+    l_eval_ramp: int = 500_000
+    """env steps over which L_eval ramps from --l-eval-start to --l-eval"""
     ratio: Literal["sequence", "gspo", "token"] = "sequence"
     """importance ratio: joint likelihood of the L_traj actions, its length-normalised (GSPO) form, or per action"""
     clip_eps: float = 0.2
@@ -335,14 +357,16 @@ class Normalizer:
 
 @torch.inference_mode()
 def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale, prefix=None,
-              generator=None, record_state=False, frames=None):
+              generator=None, record_state=False, frames=None, cont_temp=0.0, noise_group=None):
     """Step B lanes in lock-step. Lane b starts at observation first_obs[b], DT timestep t0[b] and return-to-go
     rtg0[b] (scaled); it samples its first `n_sample` actions from pi and then takes the mean action; it stops on
     termination, after max_steps[b] steps, or at the episode's time limit (t0 + steps = max_ep_len).
 
     The DT inputs live in buffers of K-1+S steps per lane: the first K-1 are the `prefix` (the context a branch
     inherits from the anchor; padding for a fresh episode), step j sits at index K-1+j. The action at step j is
-    computed from the window [j, j+K) of that buffer: the update later recomputes it from the same window."""
+    computed from the window [j, j+K) of that buffer: the update later recomputes it from the same window.
+    cont_temp > 0: after the first n_sample steps, actions are tanh(mean + cont_temp * std * z) instead of the mean,
+    with one z per step shared by the lanes of the same noise_group[b] (common random numbers)."""
     device = next(model.parameters()).device
     B, K, S = len(envs), model.context_len, int(max(max_steps))
     buf = dict(
@@ -385,6 +409,9 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         if j < n_sample:
             act = sample_action(mean, log_std, generator)
             logp[idx, j] = log_prob(mean, log_std, act)
+        elif cont_temp > 0:
+            z = torch.randn(int(noise_group.max()) + 1, model.act_dim, generator=generator, device=device)
+            act = torch.tanh(mean + cont_temp * log_std.exp() * z[torch.as_tensor(noise_group[lanes], device=device)])
         else:
             act = torch.tanh(mean)
         buf["actions"][idx, i] = act
@@ -420,41 +447,64 @@ def reset_envs(envs, seeds):
     return np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
 
 
+def x_position(envs):
+    """The x coordinate (qpos[0]) of each MuJoCo env; NaN where the env hides its simulator."""
+    return np.array([e.unwrapped.data.qpos[0] if hasattr(e.unwrapped, "data") else np.nan for e in envs])
+
+
 def evaluate(model, envs, norm, reward_scale, eval_rtg, seed, frames=None):
     """Deterministic evaluation: mean action, RTG starting at eval_rtg; all episodes in one lock-step batch."""
     was_training = model.training
     model.eval()
     obs = reset_envs(envs, [seed + i for i in range(len(envs))])
     n = len(envs)
+    x0 = x_position(envs)
     out = run_lanes(model, envs, obs, np.full(n, eval_rtg * reward_scale), np.zeros(n, np.int64), 0,
                     np.full(n, model.max_ep_len), norm, reward_scale, frames=frames)
     model.train(was_training)
-    return out["rewards"].sum(1), out["length"]
+    speed = (x_position(envs) - x0) / (out["length"] * getattr(envs[0].unwrapped, "dt", np.nan))  # forward speed, m/s
+    return out["rewards"].sum(1), out["length"], speed
 
 
 # ---------------------------------------------------------------------------------------------------
 # GRPO-DT math, each piece a small function (tested in test_dt_grpo.py)
 # ---------------------------------------------------------------------------------------------------
-def sample_reset_indices(var, num, mode, rng: np.random.Generator):
+def sample_reset_indices(var, num, mode, rng: np.random.Generator, fell=False, window=100):
     """Active sampling (paper's abstract; the rule is ours): draw `num` distinct anchor steps with probability
-    proportional to the policy's action variance (mean over action dims); `uniform` is the ablation. An anchor
-    shorter than `num` steps gives all of its steps."""
+    proportional to the policy's action variance (mean over action dims); `uniform` is the ablation; `failure`
+    draws uniformly from the last `window` steps of an anchor that fell (by variance when it did not). An anchor
+    (or window) shorter than `num` steps gives all of its steps."""
     T = len(var)
+    if mode == "failure" and fell:
+        lo = max(0, T - window)
+        return lo + sample_reset_indices(var[lo:], num, "uniform", rng)
     if T <= num:
         return np.arange(T)
     p = None
-    if mode == "variance":
+    if mode in ("variance", "failure"):
         p = np.asarray(var, np.float64) + 1e-12
         p = p / p.sum()
     return np.sort(rng.choice(T, size=num, replace=False, p=p))
 
 
-def group_advantages(returns, eps=1e-6):
-    """GRPO advantage A_i = (R_i - mean_j R_j) / (std_j R_j + eps) within each group (rows); a group whose
-    branches all score the same gets exactly zero."""
+def group_advantages(returns, eps=1e-6, norm="std", floor=1.0):
+    """Group advantage within each group (rows), std the population std of the row:
+    std (GRPO): A_i = (R_i - mean_j R_j) / (std + eps);  floor: / max(std, floor);  none (Dr. GRPO): R_i - mean.
+    A group whose branches all score the same gets exactly zero."""
     returns = torch.as_tensor(returns, dtype=torch.float64)
     centred = returns - returns.mean(dim=1, keepdim=True)
-    return (centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)).float()
+    std = returns.std(dim=1, unbiased=False, keepdim=True)
+    if norm == "none":
+        return centred.float()
+    return (centred / (std.clamp(min=floor) if norm == "floor" else std + eps)).float()
+
+
+def branch_scores(rewards, length, gamma=1.0, alive=0.0):
+    """R_i = sum_{t < length_i} gamma^t (r_it - alive): the training signal of a branch (alive = the healthy reward
+    removed from each of its steps, ARS's shift; 0 keeps the env's reward)."""
+    t = np.arange(rewards.shape[1])
+    lived = t[None, :] < np.asarray(length)[:, None]
+    return (np.where(lived, rewards - alive, 0.0) * gamma ** t[None, :]).sum(1)
 
 
 def policy_loss(new_logp, old_logp, mask, adv, clip_eps, ratio_mode):
@@ -494,7 +544,7 @@ def relabel_rtg(buf_rtg, prefix_rewards, branch_rewards, reward_scale):
     return torch.as_tensor(achieved[:, : buf_rtg.shape[1], None].copy(), dtype=buf_rtg.dtype, device=buf_rtg.device)
 
 
-def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg, reset_seed, rng):
+def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg, reset_seed, rng, l_eval=None):
     """Steps 1-4 of GRPO-DT under pi_theta_old: anchor rollout, reset sampling, groups, group advantages.
     Returns everything the update needs (windows exactly as fed, actions, behaviour log-probs, advantages)."""
     K, M, G, L = model.context_len, args.num_resets, args.group_size, args.l_traj
@@ -508,7 +558,8 @@ def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg
     T = int(anchor["length"][0])
 
     # 2. Reset sampling (active sampling): prefer states where the policy's action variance is high.
-    starts = sample_reset_indices(anchor["var"][0, :T], M, args.reset_sampling, rng)
+    starts = sample_reset_indices(anchor["var"][0, :T], M, args.reset_sampling, rng, fell=bool(anchor["terminated"][0]),
+                                  window=args.failure_window)
     m = len(starts)
 
     # 3. Sub-trajectory groups: restore simulator state (qpos, qvel) and DT context, run G branches from each
@@ -523,19 +574,23 @@ def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg
     gather = torch.as_tensor(lanes[:, None] + np.arange(K - 1), device=device)
     prefix = {k: v[0, gather] for k, v in ab.items()}  # anchor buffer slots of steps t-K+1 .. t-1
     rtg_start = ab["rtg"][0, K - 1 + lanes, 0].cpu().numpy()  # the anchor's intended RTG at the reset step
-    branch = run_lanes(model, envs, first_obs, rtg_start, lanes, L, np.full(m * G, L + args.l_eval), norm, scale,
-                       prefix=prefix)
+    l_eval = args.l_eval if l_eval is None else l_eval
+    branch = run_lanes(model, envs, first_obs, rtg_start, lanes, L, np.full(m * G, L + l_eval), norm, scale,
+                       prefix=prefix, cont_temp=args.continuation_temp, noise_group=np.repeat(np.arange(m), G))
 
-    # 4. Group advantage: R_i = reward over the L_traj sampled + L_eval mean-action steps, normalised per group.
-    R = branch["rewards"].sum(1).reshape(m, G)
-    adv = group_advantages(R, args.adv_eps).reshape(-1).to(device)
+    # 4. Group advantage: R_i = (discounted, optionally alive-shifted) reward over the L_traj sampled + L_eval
+    #    continuation steps, normalised per group.
+    alive = float(getattr(anchor_env.unwrapped, "_healthy_reward", 0.0)) if args.alive_bonus == "drop" else 0.0
+    R = branch_scores(branch["rewards"], branch["length"], args.score_gamma, alive).reshape(m, G)
+    adv = group_advantages(R, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
 
     win = windows(branch["buf"], L, K)  # the exact inputs that produced each sampled action
     if args.relabel:  # 7. (ablation) hindsight relabelling: achieved returns replace the intended RTG tokens
         pad = np.arange(K - 1) - (K - 1) + lanes[:, None]  # anchor step of each prefix slot (negative = padding)
         prefix_r = np.where(pad >= 0, anchor["rewards"][0][np.maximum(pad, 0)], 0.0)
         win["rtg"] = windows({"rtg": relabel_rtg(branch["buf"]["rtg"], prefix_r, branch["rewards"], scale)}, L, K)["rtg"]
-    return dict(win=win, actions=branch["buf"]["actions"][:, K - 1 : K - 1 + L],
+    keep = torch.as_tensor(np.repeat(R.std(1) > args.min_group_std, G), device=device)  # DAPO's flat-group filter
+    return dict(win=win, actions=branch["buf"]["actions"][:, K - 1 : K - 1 + L], keep=keep,
                 mask=branch["buf"]["valid"][:, K - 1 : K - 1 + L].float(), old_logp=branch["logp"][:, :L], adv=adv, R=R,
                 starts=starts, first_obs=first_obs, anchor=anchor, branch=branch, anchor_len=T,
                 anchor_return=float(anchor["rewards"].sum()), env_steps=T + int(branch["length"].sum()))
@@ -556,9 +611,13 @@ def grpo_update(model, optimizer, batch, args):
     Returns per-step statistics and the number of steps skipped for a non-finite loss."""
     device = next(model.parameters()).device
     stats, n_bad = [], 0
-    n = batch["actions"].shape[0]
+    rows = torch.arange(batch["actions"].shape[0], device=device)
+    if "keep" in batch:
+        rows = rows[batch["keep"]]
+    if len(rows) == 0:  # every group was flat: nothing to learn from this iteration
+        return stats, n_bad
     for epoch in range(args.update_epochs):
-        for mb in torch.randperm(n).to(device).chunk(args.num_minibatches):
+        for mb in rows[torch.randperm(len(rows)).to(device)].chunk(args.num_minibatches):
             new_logp, mean, log_std = recompute_log_prob(model, batch, mb)
             loss, unit_lr, ratio, clipfrac = policy_loss(new_logp, batch["old_logp"][mb], batch["mask"][mb],
                                                          batch["adv"][mb], args.clip_eps, args.ratio)
@@ -709,6 +768,14 @@ def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, 
 # ---------------------------------------------------------------------------------------------------
 # Main: load (or first pretrain) the DT, then iterate the GRPO-DT loop
 # ---------------------------------------------------------------------------------------------------
+def l_eval_at(args, env_steps):
+    """L_eval of the iteration that starts at env_steps: constant, or a linear ramp from --l-eval-start."""
+    if args.l_eval_start is None:
+        return args.l_eval
+    frac = min(1.0, env_steps / max(args.l_eval_ramp, 1))
+    return int(round(args.l_eval_start + frac * (args.l_eval - args.l_eval_start)))
+
+
 def default_checkpoint(env_id):
     return os.path.join("checkpoints", f"{env_id}__random.pt")
 
@@ -729,6 +796,12 @@ def check_args(args: Args):
     for name in ("learning_rate", "clip_eps", "critic_lr", "max_grad_norm"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.l_eval_start is not None and args.l_eval_start < 0:
+        raise UserError(f"--l-eval-start must be at least 0 (got {args.l_eval_start}).")
+    if not 0 < args.score_gamma <= 1 or args.adv_std_floor <= 0 or args.continuation_temp < 0 or args.failure_window < 1:
+        raise UserError("--score-gamma must lie in (0, 1], --adv-std-floor be positive, --continuation-temp at least 0 "
+                        f"and --failure-window at least 1 (got {args.score_gamma}, {args.adv_std_floor}, "
+                        f"{args.continuation_temp}, {args.failure_window}).")
     if not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1:
         raise UserError(f"--gamma must lie in [0, 1] and --tau in (0, 1] (got {args.gamma}, {args.tau}).")
 
@@ -770,12 +843,13 @@ def main(args: Args):
     scale = ckpt["reward_scale"]
     target_rtg = args.target_rtg if args.target_rtg is not None else default_rtg(args.env_id)
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else target_rtg
-    iteration, env_steps, grad_steps, eval_env_steps, nonfinite = 0, 0, 0, 0, 0
+    iteration, env_steps, grad_steps, eval_env_steps, nonfinite, evals, wall0 = 0, 0, 0, 0, 0, [], 0.0
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         iteration, env_steps, grad_steps = state["iteration"], state["env_steps"], state["grad_steps"]
-        eval_env_steps, run_name = state["eval_env_steps"], state["run_name"]
+        eval_env_steps, run_name, evals = state["eval_env_steps"], state["run_name"], state.get("evals", [])
+        wall0 = state.get("wall_s", 0.0)
         print(f"resuming {run_name} at iteration {iteration} ({env_steps} env steps)")
         changed = {k: (state["args"].get(k), v) for k, v in asdict(args).items()
                    if k not in ("resume", "checkpoint", "total_env_steps") and state["args"].get(k) != v}
@@ -817,24 +891,31 @@ def main(args: Args):
             extra = dict(critic=critic.state_dict(), critic_targ=critic_targ.state_dict(),
                          critic_opt=critic_opt.state_dict(), replay=replay.state_dict())
         atomic_save(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-                         env_steps=env_steps, grad_steps=grad_steps, eval_env_steps=eval_env_steps,
+                         env_steps=env_steps, grad_steps=grad_steps, eval_env_steps=eval_env_steps, evals=evals,
+                         wall_s=wall0 + time.time() - t_start,
                          run_name=run_name, args=asdict(args), **extra), ckpt_path)
 
     def evaluate_and_log():
         nonlocal eval_env_steps
         frames = [] if args.capture_video else None
-        returns, lengths = evaluate(model, eval_envs, norm, scale, eval_rtg, seed=10_000 * args.seed, frames=frames)
+        # fresh start states at every evaluation (drawn from the seed and the iteration, so a resume repeats them)
+        eval_seed = int(np.random.default_rng([args.seed, iteration, 2]).integers(2**31 - 1000))
+        returns, lengths, speed = evaluate(model, eval_envs, norm, scale, eval_rtg, seed=eval_seed, frames=frames)
         if frames:
             save_gif(frames, os.path.join("videos", run_name, f"iter{iteration}.gif"), eval_envs[0])
         eval_env_steps += int(lengths.sum())
         score = normalized_score(args.env_id, returns)
+        evals.append(dict(iteration=iteration, env_steps=env_steps, wall_s=wall0 + time.time() - t_start,
+                          score=float(score.mean()),
+                          ret=float(returns.mean()), length=float(lengths.mean()), speed=float(speed.mean())))
         for name, value in [("episodic_return", returns.mean()), ("episodic_return_std", returns.std()),
                             ("normalized_score", score.mean()), ("episodic_length", lengths.mean()),
-                            ("eval_env_steps", eval_env_steps)]:
+                            ("forward_speed", speed.mean()), ("eval_env_steps", eval_env_steps)]:
             writer.add_scalar(f"eval/{name}", value, env_steps)
         print(f"[eval] iter {iteration} env_steps {env_steps}: return {returns.mean():.1f} +- {returns.std():.1f}, "
-              f"normalized {score.mean():.1f}, length {lengths.mean():.0f}", flush=True)
+              f"normalized {score.mean():.1f}, length {lengths.mean():.0f}, speed {speed.mean():.2f} m/s", flush=True)
 
+    t_start = time.time()  # wall time of this process; wall0 carries the time of the runs it resumes
     if iteration == 0:
         evaluate_and_log()  # the pretrained model's score, before any update
         save()
@@ -847,7 +928,8 @@ def main(args: Args):
 
         if args.advantage == "reset":
             batch = collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg,
-                                   reset_seed=args.seed * 1_000_003 + iteration, rng=rng)
+                                   reset_seed=args.seed * 1_000_003 + iteration, rng=rng,
+                                   l_eval=l_eval_at(args, env_steps))
         else:
             batch = collect_critic_groups(model, [anchor_env, *branch_envs], critic, critic_targ, critic_opt, replay,
                                           args, norm, scale, target_rtg, args.seed * 1_000_003 + iteration, rng)
@@ -882,6 +964,10 @@ def main(args: Args):
     for env in [anchor_env, *branch_envs, *eval_envs]:
         env.close()
     writer.close()
+    scores = [e["score"] for e in evals[1:]]  # the evaluations after finetuning started
+    if scores:
+        print(f"normalized score: last {scores[-1]:.1f}, best {max(scores):.1f}, mean of the last 3 "
+              f"{np.mean(scores[-3:]):.1f} (pretrained {evals[0]['score']:.1f})")
     print(f"done: {env_steps} env steps, {grad_steps} grad steps; checkpoint {ckpt_path}")
 
 

@@ -288,7 +288,7 @@ def main(args: Args):
     model.eval()
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.eval_episodes)]
     norm = dt_grpo.Normalizer(obs_mean, obs_std, env.action_space.low, env.action_space.high)
-    returns, lengths = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
+    returns, lengths, _ = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
     score = dt_grpo.normalized_score(args.env_id, returns)
     print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")

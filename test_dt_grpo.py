@@ -5,7 +5,6 @@ import glob
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -238,6 +237,44 @@ def test_group_advantages_including_constant_group():
     assert torch.equal(A[1], torch.zeros(3))  # constant group: zero, never NaN
 
 
+def test_group_advantage_floor_and_dr_grpo_variants():
+    R = np.array([[1.0, 2.0, 3.0], [10.0, 10.5, 11.0]])
+    centred = np.array([[-1.0, 0.0, 1.0], [-0.5, 0.0, 0.5]])
+    np.testing.assert_allclose(dt_grpo.group_advantages(R, norm="none").numpy(), centred, rtol=1e-6)
+    std = np.std([1.0, 2.0, 3.0])  # 0.816 and 0.408: the floor 0.5 binds on the second group only
+    np.testing.assert_allclose(dt_grpo.group_advantages(R, norm="floor", floor=0.5).numpy(),
+                               [centred[0] / std, centred[1] / 0.5], rtol=1e-6)
+    for norm in ("std", "floor", "none"):  # a flat group gives exactly zero under every rule
+        assert torch.equal(dt_grpo.group_advantages(np.full((1, 4), 7.0), norm=norm), torch.zeros(1, 4))
+
+
+def test_branch_scores_discount_and_alive_shift_hand_example():
+    rewards = np.array([[1.0, 2.0, 4.0, 9.0], [3.0, 3.0, 0.0, 0.0]])  # branch 1 ended after 2 steps
+    length = np.array([3, 2])  # the 9.0 of branch 0 lies past its end and must not count
+    np.testing.assert_allclose(dt_grpo.branch_scores(rewards, length), [7.0, 6.0])
+    np.testing.assert_allclose(dt_grpo.branch_scores(rewards, length, gamma=0.5), [1 + 1 + 1, 3 + 1.5])
+    np.testing.assert_allclose(dt_grpo.branch_scores(rewards, length, alive=1.0), [4.0, 4.0])
+    np.testing.assert_allclose(dt_grpo.branch_scores(rewards, length, gamma=0.5, alive=1.0), [0 + 0.5 + 0.75, 2 + 1])
+
+
+def test_failure_sampler_draws_before_the_fall_only_when_the_anchor_fell():
+    var = np.ones(300)
+    var[:50] = 100.0  # variance would pick the start
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx = dt_grpo.sample_reset_indices(var, 8, "failure", rng, fell=True, window=40)
+        assert len(set(idx)) == 8 and idx.min() >= 260 and idx.max() < 300
+    hits = np.mean([(dt_grpo.sample_reset_indices(var, 8, "failure", rng, fell=False) < 50).mean() for _ in range(50)])
+    assert hits > 0.8  # no fall: variance rule
+    np.testing.assert_array_equal(dt_grpo.sample_reset_indices(var[:5], 8, "failure", rng, fell=True), np.arange(5))
+
+
+def test_l_eval_schedule():
+    args = dt_grpo.Args(l_eval=400, l_eval_start=100, l_eval_ramp=1000)
+    assert [dt_grpo.l_eval_at(args, n) for n in (0, 500, 1000, 5000)] == [100, 250, 400, 400]
+    assert dt_grpo.l_eval_at(dt_grpo.Args(l_eval=300), 10**6) == 300
+
+
 def test_ratio_variants_match_hand_computation_and_clip():
     new = torch.tensor([[0.1, 0.2, 0.0], [-0.3, 0.1, 0.4]])
     old = torch.zeros(2, 3)
@@ -311,12 +348,11 @@ def load_tiny(path):
 
 
 def online_args(**kw):
-    base = dict(num_resets=3, group_size=4, l_traj=4, l_eval=6, reset_sampling="variance", relabel=False,
-                anchor_policy="sample",
-                adv_eps=1e-6, update_epochs=1, num_minibatches=1, clip_eps=0.2, ratio="sequence", ent_coef=0.0,
-                max_grad_norm=0.5)
+    """The real Args of dt_grpo.py with small groups: a renamed or removed flag fails here, not silently."""
+    base = dict(num_resets=3, group_size=4, l_traj=4, l_eval=6, anchor_policy="sample", update_epochs=1,
+                num_minibatches=1)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return dt_grpo.Args(**base)
 
 
 @pytest.mark.parametrize("relabel,anchor_policy", [(False, "sample"), (True, "sample"), (False, "mean")])
@@ -365,6 +401,43 @@ def test_branch_respects_time_limit_and_continues_timesteps(tiny_ckpt):
     assert out["length"][0] <= 3
     assert out["buf"]["timesteps"][0, K - 1 : K - 1 + out["length"][0]].tolist() == [997, 998, 999][: out["length"][0]]
     assert not out["buf"]["valid"][0, K - 1 + 3 :].any()
+
+
+def test_continuation_noise_is_shared_within_a_group_and_zero_temperature_is_the_mean(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(4)]
+    obs = dt_grpo.reset_envs(envs, [3, 3, 3, 3])  # four lanes in the same state; groups {0, 1} and {2, 3}
+    steps = np.full(4, 6)
+    kw = dict(noise_group=np.array([0, 0, 1, 1]), generator=torch.Generator().manual_seed(0))
+    hot = dt_grpo.run_lanes(model, envs, obs, np.full(4, 3.6), np.zeros(4, int), 0, steps, norm, 0.001,
+                            cont_temp=0.5, **kw)
+    K, n = model.context_len, int(hot["length"].min())
+    a = hot["buf"]["actions"][:, K - 1 : K - 1 + n]
+    assert torch.equal(a[0], a[1]) and torch.equal(a[2], a[3])  # common random numbers within a group
+    assert not torch.allclose(a[0], a[2])  # different noise across groups
+    assert not np.allclose(a[0].numpy(), hot["mean_action"][0, :n])  # sampled, not the mean
+    cold = dt_grpo.run_lanes(model, envs, dt_grpo.reset_envs(envs, [3] * 4), np.full(4, 3.6), np.zeros(4, int), 0,
+                             steps, norm, 0.001, cont_temp=0.0, **kw)
+    n = int(cold["length"].min())
+    np.testing.assert_allclose(cold["buf"]["actions"][0, K - 1 : K - 1 + n].numpy(), cold["mean_action"][0, :n])
+
+
+def test_flat_groups_are_dropped_from_the_update_when_asked(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 3 * 4)]
+    torch.manual_seed(0)
+    args = online_args(min_group_std=1e9)  # every group counts as flat: no gradient step at all
+    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+                                   rng=np.random.default_rng(0))
+    assert not batch["keep"].any()
+    before = [p.detach().clone() for p in model.parameters()]
+    stats, n_bad = dt_grpo.grpo_update(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, args)
+    assert stats == [] and n_bad == 0
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    args.min_group_std = -1.0  # the default keeps every group
+    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+                                   rng=np.random.default_rng(0))
+    assert batch["keep"].all()
 
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
@@ -557,7 +630,10 @@ def test_smoke_other_envs(env_id, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--ratio", "token", "--relabel", "--reset-sampling", "uniform"],
-                                   ["--ratio", "gspo", "--ent-coef", "0.01"]])
+                                   ["--ratio", "gspo", "--ent-coef", "0.01"],
+                                   ["--score-gamma", "0.99", "--alive-bonus", "drop", "--adv-norm", "floor",
+                                    "--reset-sampling", "failure", "--continuation-temp", "0.3", "--l-eval-start", "2",
+                                    "--min-group-std", "0"]])
 def test_ablation_flags_run(tiny_ckpt, tmp_path, flags):
     p = run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "100", *TINY_ONLINE, *flags, cwd=tmp_path)
     assert "done:" in p.stdout

@@ -68,7 +68,7 @@ def main():
         print(f"{k:>8} {v.mean():9.1f} {v.std(1).mean():17.2f} {corr:14.2f}")
     # the deterministic policy itself: forward speed over evaluation episodes
     ev = envs[: args.eval_episodes] if len(envs) >= args.eval_episodes else envs
-    ret, length = dt_grpo.evaluate(model, ev, norm, ck["reward_scale"], args.eval_rtg or target, seed=777)
+    ret, length, _ = dt_grpo.evaluate(model, ev, norm, ck["reward_scale"], args.eval_rtg or target, seed=777)
     dx = np.array([env.unwrapped.data.qpos[0] for env in ev]) - u.init_qpos[0]
     print(f"evaluation ({len(ev)} episodes): return {ret.mean():.1f}, length {length.mean():.0f}, "
           f"x displacement {dx.mean():.2f} m, mean forward speed {np.mean(dx / (length * u.dt)):.3f} m/s")
