@@ -230,7 +230,7 @@ class WindowSampler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pretraining: NLL + entropy temperature (ODT, anchors.md 3.2)
+# Pretraining: NLL + entropy temperature (ODT's recipe)
 # ---------------------------------------------------------------------------------------------------
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -245,22 +245,22 @@ def main(args: Args):
     print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} (max {ep_ret.max():.1f})")
     sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
 
-    cfg = dict(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
-               n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len, max_ep_len=args.max_ep_len,
-               dropout=args.dropout, time_embed=args.time_embed)
-    model = dt_grpo.build_model(cfg).to(device)
+    cfg = dt_grpo.ModelConfig(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
+                              n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len,
+                              max_ep_len=args.max_ep_len, dropout=args.dropout, time_embed=args.time_embed)
+    model = dt_grpo.DecisionTransformer(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     log_temp = torch.tensor(np.log(args.init_temperature), device=device, requires_grad=True)
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
-    target_entropy = -cfg["act_dim"]
+    target_entropy = -cfg.act_dim
 
-    writer = dt_grpo.make_writer(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}", args)
+    writer = dt_grpo.make_writer(os.path.join("runs", dt_grpo.new_run_dir(args)), args)
     model.train()
     t_start = time.time()
     for step in range(1, args.num_steps + 1):
         b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
-        mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
+        mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])  # (B, K, act) each
         m = b["valid"].float()
         nll = -(dt_grpo.log_prob(mean, log_std, b["actions"]) * m).sum() / m.sum()
         entropy = (dt_grpo.entropy_estimate(mean, log_std) * m).sum() / m.sum()
@@ -287,14 +287,14 @@ def main(args: Args):
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
     model.eval()
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.eval_episodes)]
-    norm = dt_grpo.Normalizer(obs_mean, obs_std, env.action_space.low, env.action_space.high)
+    norm = dt_grpo.Normalizer(obs_mean, obs_std)
     returns, lengths, _ = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
     score = dt_grpo.normalized_score(args.env_id, returns)
     print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
     writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
-    dt_grpo.atomic_save(dict(model=model.state_dict(), model_config=cfg, args=asdict(args), obs_mean=obs_mean,
+    dt_grpo.atomic_save(dict(model=model.state_dict(), model_config=asdict(cfg), args=asdict(args), obs_mean=obs_mean,
                              obs_std=obs_std, env_id=args.env_id, reward_scale=args.reward_scale, data_source=source,
                              eval_return=float(returns.mean())), output)
     print(f"checkpoint written to {output}")
@@ -308,4 +308,6 @@ if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except UserError as e:
-        dt_grpo.die(str(e))
+        dt_grpo.die(str(e), e.code)
+    except KeyboardInterrupt:
+        dt_grpo.die("interrupted; pretraining writes its checkpoint only at the end, so nothing was written", 130)

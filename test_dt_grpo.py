@@ -1,6 +1,7 @@
 """Tests of dt_grpo.py and pretrain.py: the model, the math of GRPO-DT, the data readers, the error paths and
 end-to-end smoke runs on tiny budgets.  Run: python -m pytest -q"""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 import dt_grpo
 import pretrain
+import qgrpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date.*")  # the -v4 envs are used on purpose
@@ -39,8 +41,8 @@ def assert_one_line_error(p, *words):
 
 def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0):
     torch.manual_seed(seed)
-    return dt_grpo.DecisionTransformer(obs_dim, act_dim, embed_dim=32, n_layer=2, n_head=2, context_len=K,
-                                       max_ep_len=1000, dropout=0.0).eval()
+    cfg = dt_grpo.ModelConfig(obs_dim, act_dim, embed_dim=32, n_layer=2, n_head=2, context_len=K, dropout=0.0)
+    return dt_grpo.DecisionTransformer(cfg).eval()
 
 
 @pytest.fixture(scope="session")
@@ -108,14 +110,15 @@ def test_last_only_equals_full_output():
 
 def test_time_embed_flag_controls_timestep_dependence():
     """With the timestep embedding the output depends on the timesteps; --no-time-embed removes that dependence
-    (and the embedding table), and the choice survives a config round trip through build_model."""
+    (and the embedding table), and the choice survives a config round trip through a checkpoint's dict."""
     x = rand_inputs()
     y = dict(x, timesteps=(x["timesteps"] + 500) % 1000)
     with_t = tiny_model()
     assert not torch.allclose(with_t(**x)[0], with_t(**y)[0], atol=1e-4)
     torch.manual_seed(0)
-    no_t = dt_grpo.build_model(dict(with_t.config, time_embed=False)).eval()
-    assert no_t.embed_t is None and no_t.config["time_embed"] is False
+    cfg = dict(dataclasses.asdict(with_t.cfg), time_embed=False)
+    no_t = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(**cfg)).eval()
+    assert no_t.embed_t is None and no_t.cfg.time_embed is False
     assert torch.allclose(no_t(**x)[0], no_t(**y)[0], atol=1e-6)
 
 
@@ -282,17 +285,20 @@ def test_ratio_variants_match_hand_computation_and_clip():
     adv = torch.tensor([1.0, -2.0])
     eps = 0.2
     # sequence: rho_0 = exp(0.3) = 1.35 -> clipped to 1.2 for A>0; rho_1 = exp(0.2) = 1.22, A<0 -> unclipped min
-    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "sequence")
+    loss, st = dt_grpo.policy_loss(new, old, mask, adv, eps, "sequence")
+    ratio, cf = st["ratio"], st["clipfrac"]
     np.testing.assert_allclose(ratio.numpy(), np.exp([0.3, 0.2]), rtol=1e-6)
     assert loss.item() == pytest.approx(-(1.2 * 1.0 + np.exp(0.2) * -2.0) / 2, rel=1e-5)
     assert cf.item() == pytest.approx(1.0)
     # gspo: length-normalised
-    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "gspo")
+    loss, st = dt_grpo.policy_loss(new, old, mask, adv, eps, "gspo")
+    ratio, cf = st["ratio"], st["clipfrac"]
     np.testing.assert_allclose(ratio.numpy(), np.exp([0.15, 0.2 / 3]), rtol=1e-6)
     assert loss.item() == pytest.approx(-(np.exp(0.15) * 1.0 + np.exp(0.2 / 3) * -2.0) / 2, rel=1e-5)
     assert cf.item() == 0.0
     # token: one ratio per valid action, masked mean
-    loss, lr, ratio, cf = dt_grpo.policy_loss(new, old, mask, adv, eps, "token")
+    loss, st = dt_grpo.policy_loss(new, old, mask, adv, eps, "token")
+    ratio, cf = st["ratio"], st["clipfrac"]
     # A>0: min(rho, clip(rho)) -> exp(0.2)=1.221 is clipped to 1.2; A<0: max(rho, clip(rho)) -> exp(-0.3)=0.741
     # becomes 0.8, exp(0.4)=1.49 stays (the pessimistic side)
     terms = [np.exp(0.1), 1.2, -2 * 0.8, -2 * np.exp(0.1), -2 * np.exp(0.4)]
@@ -305,9 +311,11 @@ def test_ratio_variants_match_hand_computation_and_clip():
 
 def test_policy_loss_never_overflows():
     new = torch.full((2, 4), 50.0, requires_grad=True)
-    loss = dt_grpo.policy_loss(new, torch.zeros(2, 4), torch.ones(2, 4), torch.tensor([1.0, -1.0]), 0.2, "sequence")[0]
+    loss, st = dt_grpo.policy_loss(new, torch.zeros(2, 4), torch.ones(2, 4), torch.tensor([1.0, -1.0]), 0.2, "sequence")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
+    # approx_kl is computed from the same clamped log-ratio: finite (exp(200) would be inf in float32)
+    assert torch.isfinite(st["approx_kl"]) and st["approx_kl"] > 1e7
 
 
 def test_variance_sampler_prefers_high_variance_and_uniform_does_not():
@@ -340,19 +348,16 @@ def test_windows_and_relabel():
 # ---------------------------------------------------------------------------------------------------
 def load_tiny(path):
     ck = dt_grpo.load_checkpoint(path, "Hopper-v4")
-    model = dt_grpo.build_model(ck["model_config"])
-    model.load_state_dict(ck["model"])
-    env = dt_grpo.make_env("Hopper-v4")
-    norm = dt_grpo.Normalizer(ck["obs_mean"], ck["obs_std"], env.action_space.low, env.action_space.high)
-    return model.eval(), norm, ck
+    return (*dt_grpo.load_policy(ck), ck)
 
 
-def online_args(**kw):
-    """The real Args of dt_grpo.py with small groups: a renamed or removed flag fails here, not silently."""
-    base = dict(num_resets=3, group_size=4, l_traj=4, l_eval=6, anchor_policy="sample", update_epochs=1,
+def online_args(cls=dt_grpo.Args, **kw):
+    """The real Args of dt_grpo.py (or qgrpo.py) with small groups: a renamed flag fails here, not silently.
+    G = 4 branches per group and L_traj = 3 sampled steps differ, so a transposed layout cannot pass."""
+    base = dict(num_resets=3, group_size=4, l_traj=3, l_eval=6, anchor_policy="sample", update_epochs=1,
                 num_minibatches=1)
     base.update(kw)
-    return dt_grpo.Args(**base)
+    return cls(**base)
 
 
 @pytest.mark.parametrize("relabel,anchor_policy", [(False, "sample"), (True, "sample"), (False, "mean")])
@@ -363,26 +368,27 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
     torch.manual_seed(0)
     b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
                                rng=np.random.default_rng(0))
-    K, m = model.context_len, len(b["starts"])
-    lanes = np.repeat(b["starts"], 4)
-    anchor_states = b["anchor"]["buf"]["states"][0, K - 1 + lanes]
+    K, m, G, L = model.context_len, len(b["starts"]), args.group_size, args.l_traj
+    reset_step = np.repeat(b["starts"], G)
+    anchor_states = b["anchor"]["buf"]["states"][0, K - 1 + reset_step]
     # restore reproduces the anchor's observation, and the branch's first window equals the anchor's window
     np.testing.assert_allclose(norm.obs(b["first_obs"]), anchor_states.numpy(), atol=1e-6)
     for k in ("states", "actions", "timesteps", "valid"):
-        first = b["win"][k].view(m * 4, 4, *b["win"][k].shape[1:])[:, 0, :-1]
-        anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(lanes[:, None] + np.arange(K - 1))]
+        first = b["win"][k].view(m * G, L, *b["win"][k].shape[1:])[:, 0, :-1]  # window of each branch's 1st action
+        anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(reset_step[:, None] + np.arange(K - 1))]
         assert torch.equal(first, anchor_win), k
-    assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(lanes))
+    assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(reset_step))
+    assert b["actions"].shape == (m * G, L, model.act_dim) and b["old_logp"].shape == (m * G, L)
     # first-epoch ratio == 1: recomputed log-probs equal the behaviour log-probs (relabel changes the RTG tokens
     # on purpose, so there they differ: the paper's point)
     with torch.no_grad():
-        new_logp = dt_grpo.recompute_log_prob(model, b, torch.arange(m * 4))[0]
+        new_logp = dt_grpo.recompute_log_prob(model, b, torch.arange(m * G))[0]
     diff = ((new_logp - b["old_logp"]) * b["mask"]).abs().max().item()
     if relabel:
         assert diff > 1e-3
     else:
         assert diff < 1e-5
-    assert b["adv"].shape == (m * 4,) and torch.isfinite(b["adv"]).all()
+    assert b["adv"].shape == (m * G,) and torch.isfinite(b["adv"]).all()
     np.testing.assert_allclose(b["R"].reshape(-1), b["branch"]["rewards"].sum(1))
     # the anchor's actions: the squashed mean under --anchor-policy mean, samples (off the mean) otherwise
     T = b["anchor_len"]
@@ -432,12 +438,40 @@ def test_flat_groups_are_dropped_from_the_update_when_asked(tiny_ckpt):
     assert not batch["keep"].any()
     before = [p.detach().clone() for p in model.parameters()]
     stats, n_bad = dt_grpo.grpo_update(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, args)
-    assert stats == [] and n_bad == 0
+    assert stats == {} and n_bad == 0
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
     args.min_group_std = -1.0  # the default keeps every group
     batch = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
                                    rng=np.random.default_rng(0))
     assert batch["keep"].all()
+
+
+def test_rollouts_end_at_the_env_time_limit_not_the_model_max_ep_len(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)  # max_ep_len 1000
+    env = dt_grpo.make_env("Hopper-v4", max_episode_steps=30)
+    env.reset(seed=0)
+    out = dt_grpo.run_lanes(model, [env], [env.unwrapped._get_obs()], [3.6], [28], 5, [50], norm, 0.001)
+    assert out["length"][0] <= 2  # steps 28 and 29 are the last of a 30-step episode
+    ret, length, speed = dt_grpo.evaluate(model, [env], norm, 0.001, 3600.0, seed=0)
+    assert length[0] <= 30 and np.isfinite(speed).all()
+
+
+def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_negative(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 3 * 4)]
+    torch.manual_seed(0)
+    args = online_args(update_epochs=1, num_minibatches=1, clip_eps=10.0)
+    b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
+                               rng=np.random.default_rng(0))
+    n = len(b["adv"])
+    b["adv"] = torch.tensor([1.0, -1.0] * (n // 2))  # hand-set advantages: even branches good, odd bad
+    rows = torch.arange(n)
+    with torch.no_grad():
+        before = (dt_grpo.recompute_log_prob(model, b, rows)[0] * b["mask"]).sum(1)
+    dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-3), b, args)
+    with torch.no_grad():
+        delta = (dt_grpo.recompute_log_prob(model, b, rows)[0] * b["mask"]).sum(1) - before
+    assert delta[0::2].mean() > 0 > delta[1::2].mean()
 
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
@@ -460,13 +494,16 @@ def test_bad_env_ids(tmp_path):
     assert_one_line_error(p, "MuJoCo")
     p = run("dt_grpo.py", "--env-id", "Pendulum-v1", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "MuJoCo")
+    p = run("pretrain.py", "--env-id", "InvertedPendulum-v4", cwd=tmp_path, expect=2)  # actions in [-3, 3]
+    assert_one_line_error(p, "[-1, 1]")
     assert not os.listdir(tmp_path)  # nothing written
 
 
 @pytest.mark.parametrize("flags,word", [(["--group-size", "1"], "--group-size"), (["--l-traj", "0"], "--l-traj"),
-                                        (["--clip-eps", "0"], "--clip-eps"), (["--gamma", "1.5"], "--gamma")])
+                                        (["--clip-eps", "0"], "--clip-eps"), (["--score-gamma", "1.5"], "--score-gamma"),
+                                        (["--gamma", "1.5"], "--gamma")])
 def test_bad_flags(tmp_path, flags, word):
-    p = run("dt_grpo.py", *flags, cwd=tmp_path, expect=2)
+    p = run("qgrpo.py" if "--gamma" in flags else "dt_grpo.py", *flags, cwd=tmp_path, expect=2)
     assert_one_line_error(p, word)
     assert not os.listdir(tmp_path)  # rejected before anything is pretrained or written
 
@@ -526,12 +563,12 @@ def black_box_env_id():
 
 
 def test_env_without_set_state_points_to_critic_mode(black_box_env_id):
-    with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
+    with pytest.raises(dt_grpo.UserError, match="qgrpo.py"):
         dt_grpo.main(dt_grpo.Args(env_id=black_box_env_id, cuda=False))
 
 
 def test_td_target_hand_example():
-    y = dt_grpo.td_target(torch.tensor([10.0, 4.0]), torch.tensor([8.0, 5.0]), torch.tensor([1.0, 2.0]),
+    y = qgrpo.td_target(torch.tensor([10.0, 4.0]), torch.tensor([8.0, 5.0]), torch.tensor([1.0, 2.0]),
                           torch.tensor([0.0, 1.0]), 0.9)
     np.testing.assert_allclose(y.numpy(), [1.0 + 0.9 * 8.0, 2.0])  # min of the twins; no bootstrap when done
 
@@ -541,25 +578,25 @@ def test_rollout_transitions_terminal_and_time_limit():
     states = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)  # slot 0 is the prefix, steps at slots 1..4
     out = dict(buf=dict(states=states, actions=-states), length=np.array([3, 4]), terminated=np.array([True, False]),
                rewards=np.arange(8, dtype=np.float64).reshape(2, 4), mean_action=np.full((2, 4, 1), 0.5, np.float32))
-    tr = dt_grpo.rollout_transitions(out, K)
+    tr = qgrpo.rollout_transitions(out, K)
     # lane 0 terminated after 3 steps: 3 transitions, the last done; lane 1 hit the limit: its last step dropped
     np.testing.assert_array_equal(tr["done"], [0, 0, 1, 0, 0, 0])
     np.testing.assert_array_equal(tr["s"][:, 0], [1, 2, 3, 6, 7, 8])
-    np.testing.assert_array_equal(tr["s2"][:3, 0], [2, 3, 3]) and np.testing.assert_array_equal(tr["s2"][3:, 0], [7, 8, 9])
+    np.testing.assert_array_equal(tr["s2"][:3, 0], [2, 3, 3])  # the terminal step's s2 is never used (done = 1)
+    np.testing.assert_array_equal(tr["s2"][3:, 0], [7, 8, 9])
     np.testing.assert_array_equal(tr["r"], [0, 1, 2, 4, 5, 6])
 
 
 def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    args = online_args(num_rollouts=2, critic_utd=0.1, critic_batch_size=16, gamma=0.99, tau=0.005,
-                       policy_noise=0.2, noise_clip=0.5, critic_lr=3e-4)
+    args = online_args(qgrpo.Args, num_rollouts=2, critic_utd=0.1, critic_batch_size=16)
     envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
-    critic = dt_grpo.TwinQ(model.obs_dim, model.act_dim)
-    targ = dt_grpo.TwinQ(model.obs_dim, model.act_dim)
+    critic = qgrpo.TwinQ(model.obs_dim, model.act_dim)
+    targ = qgrpo.TwinQ(model.obs_dim, model.act_dim)
     targ.load_state_dict(critic.state_dict())
-    replay = dt_grpo.Replay(model.obs_dim, model.act_dim, 10_000)
+    replay = qgrpo.Replay(model.obs_dim, model.act_dim, 10_000)
     torch.manual_seed(0)
-    b = dt_grpo.collect_critic_groups(model, envs, critic, targ, torch.optim.Adam(critic.parameters()), replay, args,
+    b = qgrpo.collect_critic_groups(model, envs, critic, targ, torch.optim.Adam(critic.parameters()), replay, args,
                                       norm, ck["reward_scale"], 3600.0, 7, np.random.default_rng(0))
     assert 0 < replay.n <= b["env_steps"]
     assert np.isfinite(b["critic_loss"])
@@ -578,8 +615,8 @@ def test_pretraining_checkpoint_loads(tiny_ckpt):
     ck = dt_grpo.load_checkpoint(tiny_ckpt, "Hopper-v4")
     assert ck["model_config"]["context_len"] == 5 and ck["obs_mean"].shape == (11,)
     assert ck["data_source"].startswith("random:") and ck["reward_scale"] == 0.001
-    model = dt_grpo.build_model(ck["model_config"])
-    model.load_state_dict(ck["model"])
+    model, norm = dt_grpo.load_policy(ck)
+    assert not model.training and model.context_len == 5 and norm.mean.shape == (11,)
     assert not glob.glob(os.path.join(os.path.dirname(tiny_ckpt), "*.tmp*"))
 
 
@@ -620,6 +657,37 @@ def test_smoke_run_writes_tensorboard_and_checkpoint_and_resumes_deterministical
     assert torch.load(partial, weights_only=False)["iteration"] == n_iter
 
 
+def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path):
+    args = dt_grpo.Args()
+    names = {dt_grpo.new_run_dir(args, root=str(tmp_path)) for _ in range(3)}
+    assert len(names) == 3 and all(os.path.isdir(tmp_path / n) for n in names)
+
+
+def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_reported(tiny_ckpt, tmp_path):
+    import signal
+
+    cmd = [sys.executable, os.path.join(HERE, "dt_grpo.py"), "--checkpoint", tiny_ckpt, "--total-env-steps", "10**9",
+           *TINY_ONLINE]
+    cmd[cmd.index("10**9")] = str(10**9)
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait for a finished iteration
+        if line.startswith("iter 2 "):
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err
+    ckpt = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
+    assert "--resume " + os.path.relpath(ckpt, tmp_path) in err and "every iteration" in err
+    out = run("dt_grpo.py", "--resume", os.path.relpath(ckpt, tmp_path), "--total-env-steps", "1", cwd=tmp_path).stdout
+    assert "past --total-env-steps" in out  # the budget was already spent: said, not hidden
+
+
+def test_throughput_benchmark_runs_on_a_tiny_budget(tmp_path):
+    p = run("benchmarks/throughput.py", "--steps", "3", "--update-steps", "1", "--num-resets", "1", "--group-size", "2",
+            "--l-eval", "3", "--pretrain-batch", "4", cwd=tmp_path)
+    assert "steps/s" in p.stdout and "GRPO update step" in p.stdout
+
+
 @pytest.mark.parametrize("env_id", ["Walker2d-v4", "HalfCheetah-v4", "Ant-v4"])
 def test_smoke_other_envs(env_id, tmp_path):
     run("pretrain.py", "--env-id", env_id, "--dataset-steps", "600", "--num-steps", "5", "--eval-episodes", "1",
@@ -643,34 +711,39 @@ def test_critic_mode_runs_on_black_box_env_and_resumes(black_box_env_id, tmp_pat
     monkeypatch.chdir(tmp_path)
     pretrain.main(pretrain.Args(env_id=black_box_env_id, dataset_steps=400, num_steps=3, eval_episodes=1, context_len=4,
                                 embed_dim=16, n_layer=1, output="bb.pt", cuda=False))
-    kw = dict(env_id=black_box_env_id, checkpoint="bb.pt", advantage="critic", num_rollouts=2, group_size=3,
-              num_resets=4, critic_utd=0.1, critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1)
-    dt_grpo.main(dt_grpo.Args(total_env_steps=40, **kw))
+    kw = dict(env_id=black_box_env_id, checkpoint="bb.pt", num_rollouts=2, group_size=3, num_resets=4, critic_utd=0.1,
+              critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1)
+    qgrpo.main(qgrpo.Args(total_env_steps=40, **kw))
     path = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
     ck = torch.load(path, weights_only=False)
     assert ck["grad_steps"] > 0 and ck["replay"]["n"] > 0 and "critic" in ck
-    dt_grpo.main(dt_grpo.Args(total_env_steps=ck["env_steps"] + 40, resume=path, **kw))
+    qgrpo.main(qgrpo.Args(total_env_steps=ck["env_steps"] + 40, resume=path, **kw))
     ck2 = torch.load(path, weights_only=False)
     assert ck2["iteration"] > ck["iteration"] and ck2["replay"]["n"] > ck["replay"]["n"]
 
 
 def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monkeypatch):
-    """`python dt_grpo.py` with no checkpoint runs the default pretraining first (here shrunk by monkeypatch)."""
-    import pretrain as pt
-
+    """`python dt_grpo.py` with no checkpoint runs pretrain.py's default recipe first, as a separate process and
+    with pretrain.py's own seed whatever --seed says (one default checkpoint per env). Shrunk here by appending
+    tiny sizes to the command."""
     monkeypatch.chdir(tmp_path)
-    real = pt.main
-    monkeypatch.setattr(pt, "main", lambda a: real(pt.Args(env_id=a.env_id, seed=a.seed, output=a.output, cuda=False,
-                                                          dataset_steps=500, num_steps=3, eval_episodes=1, context_len=5,
-                                                          embed_dim=16, n_layer=1)))
-    dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", total_env_steps=30, group_size=2, num_resets=2, l_traj=2, l_eval=2,
-                              eval_episodes=1, cuda=False))
-    assert os.path.isfile(tmp_path / "checkpoints" / "Hopper-v4__random.pt")
+    calls, real = [], subprocess.run
+
+    def shrunk(cmd, **kw):
+        calls.append(cmd)
+        return real(cmd + ["--dataset-steps", "500", "--num-steps", "3", "--eval-episodes", "1", *TINY_MODEL], **kw)
+
+    monkeypatch.setattr(dt_grpo.subprocess, "run", shrunk)
+    dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", seed=7, total_env_steps=30, group_size=2, num_resets=2, l_traj=2,
+                              l_eval=2, eval_episodes=1, cuda=False))
+    assert len(calls) == 1 and calls[0][1].endswith("pretrain.py") and "--seed" not in calls[0]
+    ck = torch.load(tmp_path / "checkpoints" / "Hopper-v4__random.pt", weights_only=False)
+    assert ck["args"]["seed"] == pretrain.Args().seed
     assert glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
 
 
 def test_help_lists_every_flag_with_text():
-    for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args)]:
+    for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args)]:
         out = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True).stdout
         for name in cls.__dataclass_fields__:
             assert "--" + name.replace("_", "-") in out, (script, name)

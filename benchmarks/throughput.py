@@ -9,6 +9,7 @@ Uses checkpoints/<env>__random.pt when present (a realistic policy: lanes live a
 up); otherwise a freshly initialised DT of the default size."""
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -20,6 +21,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dt_grpo  # noqa: E402
 import pretrain  # noqa: E402
+
+ALGO_FLAGS = ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches")  # the ones this benchmark varies
 
 
 def env_only_rate(env_id, n_envs, steps, seed=0):
@@ -39,18 +42,14 @@ def env_only_rate(env_id, n_envs, steps, seed=0):
 
 def model_and_norm(env_id, cfg=None):
     path = dt_grpo.default_checkpoint(env_id)
-    env = dt_grpo.make_env(env_id)
     if cfg is None and os.path.isfile(path):
-        ck = dt_grpo.load_checkpoint(path, env_id)
-        model = dt_grpo.build_model(ck["model_config"])
-        model.load_state_dict(ck["model"])
-        norm = dt_grpo.Normalizer(ck["obs_mean"], ck["obs_std"], env.action_space.low, env.action_space.high)
-        return model.eval(), norm, f"checkpoint {path}"
+        return (*dt_grpo.load_policy(dt_grpo.load_checkpoint(path, env_id)), f"checkpoint {path}")
+    env = dt_grpo.make_env(env_id)
     d = pretrain.Args()
     cfg = cfg or dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len)
-    model = dt_grpo.DecisionTransformer(env.observation_space.shape[0], env.action_space.shape[0], dropout=0.0, **cfg)
-    norm = dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim), env.action_space.low, env.action_space.high)
-    return model.eval(), norm, "fresh model"
+    model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
+                                                            dropout=0.0, time_embed=d.time_embed, **cfg))
+    return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
 
 
 def group_rollout_rate(model, norm, env_id, a, repeats=3):
@@ -95,16 +94,16 @@ def grpo_update_seconds(model, norm, env_id, a, steps):
     batch = dt_grpo.collect_groups(model, envs[0], envs[1:], a, norm, 0.001, 3600.0, reset_seed=0,
                                    rng=np.random.default_rng(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
-    run = lambda n: dt_grpo.grpo_update(model, opt, batch, argparse.Namespace(**{**vars(a), "update_epochs": n}))  # noqa: E731
+    run = lambda n: dt_grpo.grpo_update(model, opt, batch, dataclasses.replace(a, update_epochs=n))  # noqa: E731
     run(1)  # warm-up
     t = time.perf_counter()
     stats, _ = run(steps)
-    return (time.perf_counter() - t) / max(len(stats), 1), batch["actions"].shape
+    return (time.perf_counter() - t) / max(len(stats.get("policy_loss", [])), 1), batch["actions"].shape
 
 
 def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
     torch.manual_seed(0)
-    model = dt_grpo.DecisionTransformer(obs_dim, act_dim, dropout=0.1, **cfg).train()
+    model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     K = cfg["context_len"]
     b = dict(rtg=torch.randn(batch_size, K, 1), states=torch.randn(batch_size, K, obs_dim),
@@ -130,15 +129,16 @@ def main():
     p.add_argument("--env-id", default=d.env_id)
     p.add_argument("--steps", type=int, default=300, help="lock-step steps of the env-only measurement")
     p.add_argument("--update-steps", type=int, default=5, help="timed steps per gradient-step measurement")
-    for k in ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches", "clip_eps", "ratio", "adv_eps",
-              "reset_sampling", "relabel", "ent_coef", "max_grad_norm"):
-        p.add_argument("--" + k.replace("_", "-"), type=type(getattr(d, k)), default=getattr(d, k))
-    a = p.parse_args()
+    p.add_argument("--pretrain-batch", type=int, default=None, help="batch of the pretraining-step measurements")
+    for k in ALGO_FLAGS:
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
+    cli = p.parse_args()
+    a = dataclasses.replace(d, env_id=cli.env_id, **{k: getattr(cli, k) for k in ALGO_FLAGS})  # dt_grpo's real Args
     B = a.num_resets * a.group_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.env_id}; {B} lanes "
           f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
     rows = []
-    env_rate = env_only_rate(a.env_id, B, a.steps)
+    env_rate = env_only_rate(a.env_id, B, cli.steps)
     rows.append(("1. env-only rate (random actions, same number of envs)", f"{env_rate:,.0f} steps/s"))
     model, norm, what = model_and_norm(a.env_id)
     rate, mean_len = group_rollout_rate(model, norm, a.env_id, a)
@@ -147,21 +147,21 @@ def main():
     total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
     rows.append(("2b. where a group rollout's time goes (cProfile)", f"forward {100 * fwd / total:.0f}%, simulator "
                  f"{100 * sim / total:.0f}%, rest (buffers, indexing, Python) {100 * (total - fwd - sim) / total:.0f}%"))
-    sec, shape = grpo_update_seconds(model, norm, a.env_id, a, a.update_steps)
+    sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
     rows.append((f"3a. GRPO update step, default model ({shape[0]} branches x {shape[1]} actions / {a.num_minibatches} "
                  "minibatches)", f"{sec:.3f} s"))
     dp = pretrain.Args()
     obs_dim, act_dim = model.obs_dim, model.act_dim
     default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
-    sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, dp.batch_size, a.update_steps)
+    sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, cli.pretrain_batch or dp.batch_size, cli.update_steps)
     rows.append((f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
                  f"batch {dp.batch_size})", f"{sec:.3f} s"))
     odt_cfg = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20)
-    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, 64, a.update_steps)
+    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, cli.pretrain_batch or 64, cli.update_steps)
     rows.append(("3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch 64; ODT: 0.175 s)",
                  f"{sec:.3f} s"))
     small, _, _ = model_and_norm(a.env_id, cfg=odt_cfg)
-    sec, _ = grpo_update_seconds(small, norm, a.env_id, a, a.update_steps)
+    sec, _ = grpo_update_seconds(small, norm, a.env_id, a, cli.update_steps)
     rows.append(("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows.append(("4. peak RSS of this process", f"{rss:,.0f} MB"))

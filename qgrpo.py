@@ -1,0 +1,202 @@
+"""QGRPO: GRPO-DT where the simulator cannot be reset (the paper's no-reset variant, with a learned critic).
+
+GRPO-DT (dt_grpo.py) scores G branches from one restored simulator state. A real robot cannot be restored, so
+here a TD3-style twin-Q critic, trained on the transitions of ordinary rollouts, scores G candidate actions at
+states along those rollouts; the group normalisation and the clipped update are dt_grpo.py's own (imported).
+Run: python qgrpo.py --env-id Hopper-v4    (works on envs without set_state)
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dt_grpo
+from dt_grpo import UserError
+
+
+@dataclass
+class Args(dt_grpo.Args):
+    exp_name: str = "qgrpo"
+    """the name of this experiment (part of the run name)"""
+    num_rollouts: int = 8
+    """episodes collected per iteration, in lock-step, from fresh resets"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin Q-networks"""
+    gamma: float = 0.99
+    """discount of the TD target"""
+    tau: float = 0.005
+    """Polyak rate of the target Q-networks"""
+    critic_utd: float = 0.25
+    """critic gradient steps per newly collected transition (update-to-data ratio)"""
+    critic_batch_size: int = 256
+    """transitions per critic step"""
+    policy_noise: float = 0.2
+    """TD3 target-action smoothing noise (std)"""
+    noise_clip: float = 0.5
+    """clip of the smoothing noise"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions"""
+
+
+def check_args(args: Args):
+    dt_grpo.check_args(args)
+    for name in ("num_rollouts", "critic_batch_size", "buffer_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if not args.critic_lr > 0:
+        raise UserError(f"--critic-lr must be positive (got {args.critic_lr}).")
+    if not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1:
+        raise UserError(f"--gamma must lie in [0, 1] and --tau in (0, 1] (got {args.gamma}, {args.tau}).")
+
+
+class TwinQ(nn.Module):
+    """Q1, Q2 (s, a) -> R: 256-256 MLPs on the normalised observation (Markov in MuJoCo; no RTG, no context)."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256):
+        super().__init__()
+
+        def mlp():
+            return nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+        self.q1, self.q2 = mlp(), mlp()
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def td_target(q1_next, q2_next, reward, done, gamma):
+    """TD3 target y = r + gamma * (1 - done) * min(Q1'(s', a'), Q2'(s', a')) (clipped double Q)."""
+    return reward + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
+
+
+class Replay:
+    """Transitions (s, a, r, s', a'_policy, done) in fixed-size arrays, overwritten oldest first."""
+
+    def __init__(self, obs_dim, act_dim, size):
+        self.size, self.n, self.ptr = size, 0, 0
+        self.data = dict(s=np.zeros((size, obs_dim), np.float32), a=np.zeros((size, act_dim), np.float32),
+                         r=np.zeros(size, np.float32), s2=np.zeros((size, obs_dim), np.float32),
+                         a2=np.zeros((size, act_dim), np.float32), done=np.zeros(size, np.float32))
+
+    def add(self, **cols):
+        k = len(cols["r"])
+        idx = (self.ptr + np.arange(k)) % self.size
+        for name, v in cols.items():
+            self.data[name][idx] = v
+        self.ptr, self.n = (self.ptr + k) % self.size, min(self.n + k, self.size)
+
+    def state_dict(self):
+        return dict(n=self.n, ptr=self.ptr, data={k: v[: self.n] for k, v in self.data.items()})
+
+    def load_state_dict(self, st):
+        self.n, self.ptr = st["n"], st["ptr"]
+        for k, v in st["data"].items():
+            self.data[k][: len(v)] = v
+
+    def sample(self, batch_size, rng, device):
+        idx = rng.integers(0, self.n, batch_size)
+        return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
+
+
+def rollout_transitions(out, K):
+    """Transitions of lock-step rollouts. The target action a' is the DT's mean action at s' as recorded during
+    the rollout (the DT needs its context to act, which a replayed s' alone does not give). The last step of a
+    lane is kept only if it terminated (no s' is needed then); a lane cut by the time limit drops it."""
+    states = out["buf"]["states"][:, K - 1 :].cpu().numpy()
+    actions = out["buf"]["actions"][:, K - 1 :].cpu().numpy()
+    cols = {k: [] for k in ("s", "a", "r", "s2", "a2", "done")}
+    for b, n in enumerate(out["length"]):
+        keep = n if out["terminated"][b] else n - 1
+        nxt = np.minimum(np.arange(keep) + 1, n - 1)
+        done = np.zeros(keep, np.float32)
+        done[n - 1 : keep] = 1.0  # the terminal transition, when kept
+        for k, v in zip(cols, (states[b, :keep], actions[b, :keep], out["rewards"][b, :keep], states[b, nxt],
+                               out["mean_action"][b, nxt], done)):
+            cols[k].append(v)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device):
+    """n_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak-averaged targets."""
+    losses = []
+    for _ in range(n_updates):
+        b = replay.sample(args.critic_batch_size, rng, device)
+        with torch.no_grad():
+            noise = (torch.randn_like(b["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            y = td_target(*critic_targ(b["s2"], (b["a2"] + noise).clamp(-1, 1)), b["r"], b["done"], args.gamma)
+        q1, q2 = critic(b["s"], b["a"])
+        loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for p, pt in zip(critic.parameters(), critic_targ.parameters()):
+                pt.lerp_(p, args.tau)
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item() if losses else float("nan")
+
+
+def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, norm, scale, target_rtg,
+                          reset_seed, rng):
+    """QGRPO's steps 1-4: rollouts from fresh resets only (never set_state), a critic update on their transitions,
+    then at M states drawn by action variance, G candidate actions sampled from pi_theta_old with the same context,
+    scored by min(Q1, Q2) and normalised within the group. The batch has dt_grpo's layout with L_traj = 1."""
+    K, M, G = model.context_len, args.num_resets, args.group_size
+    device = next(model.parameters()).device
+    n = len(envs)
+    # 1. Rollouts: sampled actions, intended RTG tokens, n episodes in lock-step; their transitions train the critic.
+    obs = dt_grpo.reset_envs(envs, [reset_seed * 100 + i for i in range(n)])
+    out = dt_grpo.run_lanes(model, envs, obs, np.full(n, target_rtg * scale), np.zeros(n, np.int64), model.max_ep_len,
+                            np.full(n, dt_grpo.episode_horizon(envs[0])), norm, scale)
+    tr = rollout_transitions(out, K)
+    replay.add(**tr)
+    critic_loss = critic_update(critic, critic_targ, critic_opt, replay, int(np.ceil(args.critic_utd * len(tr["r"]))),
+                                args, rng, device)
+    # 2. Active sampling of states over all rollout steps.
+    lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
+    step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])
+    var = np.concatenate([out["var"][b, :n_b] for b, n_b in enumerate(out["length"])])
+    pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng)  # ("failure" acts as "variance" here)
+    lane, step = np.repeat(lane_of[pick], G), np.repeat(step_of[pick], G)
+    # 3. Candidates: the window that acted at (lane, step), G samples from its distribution.
+    gather = torch.as_tensor(step[:, None] + np.arange(K), device=device)
+    win = {k: v[torch.as_tensor(lane, device=device)[:, None], gather].clone() for k, v in out["buf"].items()}
+    with torch.no_grad():
+        mean, log_std = model.act_dist(win)
+        cand = dt_grpo.sample_action(mean, log_std)
+        old_logp = dt_grpo.log_prob(mean, log_std, cand)
+        # 4. Group advantage from the critic: A_i = normalised min(Q1, Q2)(s, a_i) within each state's group.
+        q = torch.min(*critic(win["states"][:, -1], cand)).reshape(-1, G).cpu().numpy()
+    adv = dt_grpo.group_advantages(q, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
+    keep = torch.as_tensor(np.repeat(q.std(1) > args.min_group_std, G), device=device)
+    return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device), old_logp=old_logp[:, None],
+                adv=adv, keep=keep, R=q, anchor_len=int(out["length"].max()),
+                anchor_return=float(out["rewards"].sum(1).mean()), env_steps=int(out["length"].sum()),
+                critic_loss=critic_loss)
+
+
+def main(args: Args):
+    run = dt_grpo.Run(args, check=check_args)
+    model, device = run.model, run.device
+    critic, critic_targ = TwinQ(model.obs_dim, model.act_dim).to(device), TwinQ(model.obs_dim, model.act_dim).to(device)
+    critic_targ.load_state_dict(critic.state_dict())
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    replay = Replay(model.obs_dim, model.act_dim, args.buffer_size)
+    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_rollouts)]
+    run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, replay=replay)  # saved and resumed
+    while run.env_steps < args.total_env_steps:
+        seed, rng = run.next_iteration()
+        batch = collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
+                                      run.target_rtg, seed, rng)
+        stats, n_bad = dt_grpo.grpo_update(model, run.optimizer, batch, args)  # steps 5-6, shared with GRPO-DT
+        run.end_iteration(batch, stats, n_bad, scalars={"losses/critic_loss": batch["critic_loss"]})
+    run.finish(*envs)
+
+
+if __name__ == "__main__":
+    dt_grpo.cli(main, Args)
