@@ -598,7 +598,7 @@ def grpo_update(model, optimizer, batch, args):
     per-step statistics (tensors; empty when nothing was updated) and the number of non-finite steps skipped."""
     device = next(model.parameters()).device
     stats, n_bad = [], 0
-    rows = torch.arange(batch["actions"].shape[0], device=device)[batch["keep"]]  # flat groups dropped (--min-group-std)
+    rows = torch.arange(batch["actions"].shape[0], device=device)[batch["keep"]]  # --min-group-std drops flat groups
     if len(rows) == 0:
         return {}, 0
     for epoch in range(args.update_epochs):

@@ -99,7 +99,8 @@ def generate_random_dataset(env_id, steps, seed, path):
         act = env.action_space.sample()
         nxt, r, terminated, truncated, _ = env.step(act)
         truncated = truncated or i == steps - 1  # the collection budget ends the last episode
-        for k, v in zip(("observations", "actions", "rewards", "terminals", "timeouts"), (obs, act, r, terminated, truncated)):
+        names = ("observations", "actions", "rewards", "terminals", "timeouts")
+        for k, v in zip(names, (obs, act, r, terminated, truncated)):
             cols[k].append(v)
         obs = env.reset()[0] if terminated or truncated else nxt
     env.close()
@@ -123,7 +124,8 @@ def split_episodes(obs, act, rew, ends, qpos=None, qvel=None):
     """Flat arrays -> list of episode dicts; an episode ends where `ends` (terminal or timeout) is set; an
     unfinished tail is kept as a (truncated) episode."""
     cut = np.flatnonzero(ends) + 1
-    bounds = np.concatenate([[0], cut, [len(obs)]]) if (len(cut) == 0 or cut[-1] != len(obs)) else np.concatenate([[0], cut])
+    tail = [len(obs)] if len(cut) == 0 or cut[-1] != len(obs) else []
+    bounds = np.concatenate([[0], cut, tail]).astype(np.int64)
     eps = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
@@ -138,7 +140,9 @@ def read_d4rl(f):
     """D4RL v2 layout: flat `observations, actions, rewards, terminals, timeouts`, optional infos/qpos, infos/qvel."""
     g = lambda k: f[k][()]  # noqa: E731
     obs, act, rew = g("observations").astype(np.float32), g("actions").astype(np.float32), g("rewards").reshape(-1)
-    ends = g("terminals").reshape(-1).astype(bool) | (g("timeouts").reshape(-1).astype(bool) if "timeouts" in f else False)
+    ends = g("terminals").reshape(-1).astype(bool)
+    if "timeouts" in f:
+        ends = ends | g("timeouts").reshape(-1).astype(bool)
     qp, qv = (g("infos/qpos"), g("infos/qvel")) if "infos/qpos" in f and "infos/qvel" in f else (None, None)
     return split_episodes(obs, act, rew.astype(np.float64), ends, qp, qv)
 
@@ -236,13 +240,15 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     dt_grpo.seed_everything(args.seed)
     env = dt_grpo.make_env(args.env_id)
-    output = args.output or os.path.join("checkpoints", f"{args.env_id}__{os.path.basename(args.dataset).split('.')[0]}.pt")
+    data_name = os.path.basename(args.dataset).split(".")[0]
+    output = args.output or os.path.join("checkpoints", f"{args.env_id}__{data_name}.pt")
     eps, source = load_dataset(args)
     all_obs = np.concatenate([e["observations"] for e in eps])
     obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-6
     n_steps = sum(len(e["rewards"]) for e in eps)
     ep_ret = np.array([e["rewards"].sum() for e in eps])
-    print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} (max {ep_ret.max():.1f})")
+    print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} "
+          f"(max {ep_ret.max():.1f})")
     sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
 
     cfg = dt_grpo.ModelConfig(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,

@@ -174,8 +174,8 @@ def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, 
         q = torch.min(*critic(win["states"][:, -1], cand)).reshape(-1, G).cpu().numpy()
     adv = dt_grpo.group_advantages(q, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
     keep = torch.as_tensor(np.repeat(q.std(1) > args.min_group_std, G), device=device)
-    return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device), old_logp=old_logp[:, None],
-                adv=adv, keep=keep, R=q, anchor_len=int(out["length"].max()),
+    return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device),
+                old_logp=old_logp[:, None], adv=adv, keep=keep, R=q, anchor_len=int(out["length"].max()),
                 anchor_return=float(out["rewards"].sum(1).mean()), env_steps=int(out["length"].sum()),
                 critic_loss=critic_loss)
 

@@ -92,7 +92,8 @@ def test_left_padding_is_invisible():
     """A window padded on the left gives the same outputs at the real steps as the unpadded window."""
     model, x = tiny_model(), rand_inputs(T=3)
     mean, log_std = model(**x)
-    pad = {k: torch.cat([torch.zeros_like(v[:, :2]) + (7 if k != "valid" else 0), v], 1).to(v.dtype) for k, v in x.items()}
+    pad = {k: torch.cat([torch.zeros_like(v[:, :2]) + (7 if k != "valid" else 0), v], 1).to(v.dtype)
+           for k, v in x.items()}
     pad["valid"][:, :2] = False
     pmean, plog_std = model(**pad)
     assert torch.allclose(pmean[:, 2:], mean, atol=1e-5) and torch.allclose(plog_std[:, 2:], log_std, atol=1e-5)
@@ -151,7 +152,8 @@ def test_returns_to_go():
 def test_window_sampler_rtg_timesteps_and_padding():
     eps = [dict(observations=np.arange(6, dtype=np.float32).reshape(3, 2), actions=np.zeros((3, 1), np.float32),
                 rewards=np.array([1.0, 2.0, 3.0]))]
-    s = pretrain.WindowSampler(eps, K=4, reward_scale=0.5, obs_mean=np.zeros(2), obs_std=np.ones(2), max_ep_len=1000, seed=0)
+    s = pretrain.WindowSampler(eps, K=4, reward_scale=0.5, obs_mean=np.zeros(2), obs_std=np.ones(2), max_ep_len=1000,
+                               seed=0)
     for _ in range(20):
         b = s.sample(8)
         for i in range(8):
@@ -481,7 +483,8 @@ def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
     out = dt_grpo.run_lanes(model, [env], obs, [3.6], [0], 5, [20], norm, 0.001)
     K, n = model.context_len, out["length"][0]
     rtg = out["buf"]["rtg"][0, K - 1 : K - 1 + n, 0].double().numpy()
-    np.testing.assert_allclose(rtg, 3.6 - 0.001 * np.concatenate([[0], np.cumsum(out["rewards"][0, : n - 1])]), atol=1e-5)
+    spent = np.concatenate([[0], np.cumsum(out["rewards"][0, : n - 1])])
+    np.testing.assert_allclose(rtg, 3.6 - 0.001 * spent, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,8 +503,8 @@ def test_bad_env_ids(tmp_path):
 
 
 @pytest.mark.parametrize("flags,word", [(["--group-size", "1"], "--group-size"), (["--l-traj", "0"], "--l-traj"),
-                                        (["--clip-eps", "0"], "--clip-eps"), (["--score-gamma", "1.5"], "--score-gamma"),
-                                        (["--gamma", "1.5"], "--gamma")])
+                                        (["--clip-eps", "0"], "--clip-eps"),
+                                        (["--score-gamma", "1.5"], "--score-gamma"), (["--gamma", "1.5"], "--gamma")])
 def test_bad_flags(tmp_path, flags, word):
     p = run("qgrpo.py" if "--gamma" in flags else "dt_grpo.py", *flags, cwd=tmp_path, expect=2)
     assert_one_line_error(p, word)
@@ -744,7 +747,8 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
 
 def test_help_lists_every_flag_with_text():
     for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args)]:
-        out = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True).stdout
+        cmd = [sys.executable, os.path.join(HERE, script), "--help"]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
         for name in cls.__dataclass_fields__:
             assert "--" + name.replace("_", "-") in out, (script, name)
         assert "transformer width" in out or "sampled actions per branch" in out

@@ -78,8 +78,8 @@ def rollout_profile(model, norm, env_id, a):
     obs = dt_grpo.reset_envs(envs, range(B))
     prof = cProfile.Profile()
     prof.enable()
-    dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj, np.full(B, a.l_traj + a.l_eval),
-                      norm, 0.001)
+    dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj,
+                      np.full(B, a.l_traj + a.l_eval), norm, 0.001)
     prof.disable()
     st = pstats.Stats(prof).stats  # key (file, line, name) -> (cc, nc, tottime, cumtime, callers)
     fwd_line = inspect.getsourcelines(dt_grpo.DecisionTransformer.forward)[1]
@@ -113,7 +113,8 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
     for i in range(steps + 3):
         t = time.perf_counter()
         mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
-        loss = -dt_grpo.log_prob(mean, log_std, b["actions"]).mean() - 0.1 * dt_grpo.entropy_estimate(mean, log_std).mean()
+        nll = -dt_grpo.log_prob(mean, log_std, b["actions"]).mean()
+        loss = nll - 0.1 * dt_grpo.entropy_estimate(mean, log_std).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
@@ -146,7 +147,8 @@ def main():
                  f"{rate:,.0f} steps/s = {rate / env_rate:.2f} x env-only"))
     total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
     rows.append(("2b. where a group rollout's time goes (cProfile)", f"forward {100 * fwd / total:.0f}%, simulator "
-                 f"{100 * sim / total:.0f}%, rest (buffers, indexing, Python) {100 * (total - fwd - sim) / total:.0f}%"))
+                 f"{100 * sim / total:.0f}%, rest (buffers, indexing, Python) "
+                 f"{100 * (total - fwd - sim) / total:.0f}%"))
     sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
     rows.append((f"3a. GRPO update step, default model ({shape[0]} branches x {shape[1]} actions / {a.num_minibatches} "
                  "minibatches)", f"{sec:.3f} s"))

@@ -6,9 +6,9 @@ Loads a dt_grpo.py checkpoint (pretrain.py checkpoints work too), collects the g
 as training does (collect_groups, the run's own flags unless overridden), and splits every branch score
 R_i = healthy bonus + forward reward - control cost (Hopper, Walker2d and Ant reward a constant per healthy
 step; forward reward = x displacement / dt), and shows the training signal itself ("score": the branch score of
-the run's flags, e.g. discounted or with the alive bonus dropped). For each part it prints its mean, its mean within-group std, and
-its correlation with R_i over the branches of a group (averaged over groups). It also reports the deterministic
-policy's own forward speed over evaluation episodes. Reads only; writes nothing."""
+the run's flags, e.g. discounted or with the alive bonus dropped). For each part it prints its mean, its mean
+within-group std, and its correlation with R_i over the branches of a group (averaged over groups). It also reports
+the deterministic policy's own forward speed over evaluation episodes. Reads only; writes nothing."""
 
 import argparse
 import os

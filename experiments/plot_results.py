@@ -5,7 +5,8 @@
         --max-env-steps 100000 --out experiments/modes
 
 Runs are grouped by their experiment name (runs/<env>__<exp-name>__<seed>__<time>). Writes <out>.md (per seed
-and mean +- std per group: normalized score before / last / best, env steps, grad steps, wall time) and <out>.png
+and mean +- std per group: normalized score before / last / best / mean of the last 3 evaluations, env steps,
+grad steps, wall time) and <out>.png
 (normalized score vs env steps and vs wall time; thin lines per seed, a thick mean per group).
 --max-env-steps keeps only evaluations at or below that many env steps (same-budget comparisons)."""
 
@@ -35,17 +36,22 @@ def load(run_dir, max_steps):
 
 
 def table(groups):
+    """Per seed and mean +- std over seeds: before, last, best and mean of the last 3 evaluations."""
     stat = lambda xs: f"{np.mean(xs):.1f} ± {np.std(xs):.1f}"  # noqa: E731
-    rows = ["| experiment | seed | before | last | best | env steps | grad steps | wall (min) |",
-            "|---|---|---|---|---|---|---|---|"]
+    cols = dict(before=lambda r: r["score"][0], last=lambda r: r["score"][-1], best=lambda r: r["score"][1:].max(),
+                last3=lambda r: r["score"][-3:].mean())
+    rows = ["| experiment | seed | before | last | best | mean of last 3 | env steps | grad steps | wall (min) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for exp, runs in groups.items():
         for r in runs:
-            rows.append(f"| {exp} | {r['seed']} | {r['score'][0]:.1f} | {r['score'][-1]:.1f} | {r['score'].max():.1f} | "
-                        f"{r['steps'][-1]} | {r['grad_steps']} | {r['wall'][-1] / 60:.1f} |")
-        rows.append(f"| **{exp}** | **mean ± std ({len(runs)})** | {stat([r['score'][0] for r in runs])} | "
-                    f"{stat([r['score'][-1] for r in runs])} | {stat([r['score'].max() for r in runs])} | "
-                    f"{np.mean([r['steps'][-1] for r in runs]):.0f} | {np.mean([r['grad_steps'] for r in runs]):.0f} | "
-                    f"{np.mean([r['wall'][-1] for r in runs]) / 60:.1f} |")
+            scores = " | ".join(f"{f(r):.1f}" for f in cols.values())
+            rows.append(f"| {exp} | {r['seed']} | {scores} | {r['steps'][-1]} | {r['grad_steps']} | "
+                        f"{r['wall'][-1] / 60:.1f} |")
+        scores = " | ".join(stat([f(r) for r in runs]) for f in cols.values())
+        steps, grads = np.mean([r["steps"][-1] for r in runs]), np.mean([r["grad_steps"] for r in runs])
+        wall = np.mean([r["wall"][-1] for r in runs]) / 60
+        rows.append(f"| **{exp}** | **mean ± std ({len(runs)})** | {scores} | {steps:.0f} | {grads:.0f} "
+                    f"| {wall:.1f} |")
     return "\n".join(rows)
 
 

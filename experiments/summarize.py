@@ -31,7 +31,8 @@ def main():
         s = np.array([e["score"] for e in ev[1:]])
         hit = next((e["env_steps"] for e in ev[1:] if e["score"] >= 30), None)
         last = ev[-1]
-        print(f"| {ck['run_name']} | {ck['env_steps']} | {ck.get('wall_s', float('nan')) / 60:.1f} | {ev[0]['score']:.1f} "
+        wall = ck.get("wall_s", float("nan")) / 60
+        print(f"| {ck['run_name']} | {ck['env_steps']} | {wall:.1f} | {ev[0]['score']:.1f} "
               f"| {s[-1]:.1f} | {s.max():.1f} | {s[-a.last:].mean():.1f} | {last['length']:.0f} | {last['speed']:.2f} "
               f"| {hit if hit is not None else '-'} |")
 
