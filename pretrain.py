@@ -287,7 +287,8 @@ def main(args: Args):
                                 ("losses/temperature", log_temp.exp().item()), ("charts/grad_steps_per_s", sps)]:
                 writer.add_scalar(name, value, step)
             print(f"step {step}/{args.num_steps} nll {nll.item():.3f} entropy {entropy.item():.2f} "
-                  f"temperature {log_temp.exp().item():.3f} ({sps:.1f} steps/s)", flush=True)
+                  f"temperature {log_temp.exp().item():.3f} ({sps:.1f} steps/s, "
+                  f"ETA {(args.num_steps - step) / sps:.0f} s)", flush=True)
 
     # Deterministic evaluation of the pretrained model (mean action, eval RTG).
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)

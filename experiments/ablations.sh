@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SEEDS=${SEEDS:-"1 2 3"} STEPS=${STEPS:-150000} PLOT=0
-run() { TAG=$1 bash experiments/hopper_seeds.sh "${@:2}"; }
+run() { TAG=$1 bash experiments/seeds.sh "${@:2}"; }
 run abl-relabel --relabel                     # hindsight RTG relabeling on (paper Fig. 1)
 run abl-token --ratio token                   # per-action PPO ratio instead of the sequence ratio
 run abl-gspo --ratio gspo                     # length-normalised sequence ratio (GSPO)
