@@ -128,6 +128,8 @@ class Args:
     """minibatches per epoch"""
     max_grad_norm: float = 0.5
     """gradient-norm clip"""
+    target_kl: Optional[float] = None
+    """if set, stop an iteration's epochs early once an epoch's mean approx_kl exceeds it (as in CleanRL's PPO)"""
     ent_coef: float = 0.0
     """weight of an entropy bonus (0 = pure RL, the paper's setting)"""
     max_nonfinite: int = 10
@@ -620,6 +622,9 @@ def grpo_update(model, optimizer, batch, args):
             optimizer.step()
             scalars = {k: v for k, v in st.items() if k != "ratio"}
             stats.append(dict(scalars, policy_loss=loss.detach(), action_std=log_std.detach().exp().mean()))
+        epoch_kl = [s["approx_kl"] for s in stats[-args.num_minibatches :]]
+        if args.target_kl is not None and epoch_kl and torch.stack(epoch_kl).mean() > args.target_kl:
+            break  # one host sync per epoch, only with --target-kl
     return {k: torch.stack([s[k] for s in stats]) for k in stats[0]} if stats else {}, n_bad
 
 
@@ -724,6 +729,8 @@ def check_args(args):
                       ("eval_episodes", 1), ("update_epochs", 1), ("num_minibatches", 1), ("failure_window", 1)]:
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)}).")
+    if args.target_kl is not None and not args.target_kl > 0:
+        raise UserError(f"--target-kl must be positive (got {args.target_kl}).")
     for name in ("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")

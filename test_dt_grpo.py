@@ -474,6 +474,12 @@ def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_ne
     with torch.no_grad():
         delta = (dt_grpo.recompute_log_prob(model, b, rows)[0] * b["mask"]).sum(1) - before
     assert delta[0::2].mean() > 0 > delta[1::2].mean()
+    # --target-kl: the epochs stop after the first one whose mean approx_kl passes it
+    args = online_args(update_epochs=5, num_minibatches=2, target_kl=1e-12)
+    stats, _ = dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)
+    assert len(stats["policy_loss"]) == 2  # one epoch of 2 minibatches (the first epoch's ratio moved off 1)
+    args.target_kl = None
+    assert len(dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)[0]["policy_loss"]) == 10
 
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
