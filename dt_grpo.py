@@ -91,8 +91,9 @@ class Args:
     """G: branches per reset state"""
     l_traj: int = 8
     """L_traj: sampled actions per branch (these enter the likelihood ratio)"""
-    l_eval: int = 400
-    """L_eval: continuation steps that follow, to score the branch (their rewards count in R_i)"""
+    l_eval: int = 300
+    """L_eval: continuation steps that follow, to score the branch (their rewards count in R_i); with
+    --score-gamma 0.99 the steps past 300 would weigh under 5%"""
     l_eval_start: Optional[int] = None
     """if set, L_eval grows linearly from this to --l-eval over the first --l-eval-ramp env steps"""
     l_eval_ramp: int = 500_000
@@ -101,11 +102,12 @@ class Args:
     """L_eval actions: 0 = mean action; > 0 = sampled with the policy's std times this, the same noise for every
     branch of a group (common random numbers)"""
     # 4. branch score and group advantage
-    score_gamma: float = 1.0
-    """discount of the branch score R_i = sum_t score_gamma^t r_t over the L_traj + L_eval steps (1 = undiscounted)"""
-    alive_bonus: Literal["keep", "drop"] = "keep"
-    """drop: subtract the env's healthy reward from every branch step in the training signal (ARS's shift);
-    evaluation always reports the env's true return"""
+    score_gamma: float = 0.99
+    """discount of the branch score R_i = sum_t score_gamma^t r_t over the L_traj + L_eval steps (1 = undiscounted,
+    which ranks standing still above hopping on Hopper: README, results)"""
+    alive_bonus: Literal["keep", "drop"] = "drop"
+    """drop: subtract the env's healthy reward from every branch step in the training signal (ARS's shift), so that
+    surviving alone scores nothing; keep: the env's reward. Evaluation always reports the env's true return"""
     adv_norm: Literal["std", "floor", "none"] = "std"
     """group advantage: (R - mean) / (std + adv_eps) (GRPO), / max(std, --adv-std-floor), or R - mean (Dr. GRPO)"""
     adv_eps: float = 1e-6

@@ -391,7 +391,10 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
     else:
         assert diff < 1e-5
     assert b["adv"].shape == (m * G,) and torch.isfinite(b["adv"]).all()
-    np.testing.assert_allclose(b["R"].reshape(-1), b["branch"]["rewards"].sum(1))
+    # the default branch score: discounted, Hopper's healthy reward (1 per step) removed, only the steps lived
+    r, n = b["branch"]["rewards"], b["branch"]["length"]
+    want = [sum(0.99**t * (r[i, t] - 1.0) for t in range(n[i])) for i in range(len(n))]
+    np.testing.assert_allclose(b["R"].reshape(-1), want, rtol=1e-9)
     # the anchor's actions: the squashed mean under --anchor-policy mean, samples (off the mean) otherwise
     T = b["anchor_len"]
     acts = b["anchor"]["buf"]["actions"][0, K - 1 : K - 1 + T].numpy()
