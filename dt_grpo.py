@@ -336,6 +336,8 @@ class Normalizer:
 
 def load_checkpoint(path: str, env_id: str, device="cpu") -> dict:
     """Load a checkpoint from pretrain.py, dt_grpo.py or qgrpo.py and check that it was made for `env_id`."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder; pass the .pt file (runs/<run>/checkpoint.pt to resume).")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} not found; run `python pretrain.py --env-id {env_id}` first.")
     try:
@@ -680,6 +682,17 @@ def atomic_save(obj, path: str):
             os.remove(tmp)
 
 
+def check_writable(folder):
+    """Fail early, with one line, when `folder` (or the nearest existing folder above it) cannot be written:
+    better than a traceback after a whole training run. Creates nothing."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot write to {folder!r} ({path} is not a writable folder); run from a writable folder "
+                        "or pass another output path.")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -725,22 +738,29 @@ def pretrain_default(env_id, path):
         raise UserError(f"the default pretraining failed; run `python pretrain.py --env-id {env_id}` to see why.")
 
 
-def check_args(args):
-    """Flags out of range end with one error line instead of a NaN loss or an empty batch later."""
-    for name, low in [("group_size", 2), ("num_resets", 1), ("l_traj", 1), ("l_eval", 0), ("eval_every", 1),
-                      ("eval_episodes", 1), ("update_epochs", 1), ("num_minibatches", 1), ("failure_window", 1)]:
-        if getattr(args, name) < low:
+def check_ranges(args, at_least: dict, positive=()):
+    """One error line for the first flag out of range: any float flag that is not finite, a flag below its
+    `at_least` bound, a `positive` flag that is not > 0 (flags left at None are not checked)."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number (got {value}).")
+    for name, low in at_least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)}).")
-    if args.target_kl is not None and not args.target_kl > 0:
-        raise UserError(f"--target-kl must be positive (got {args.target_kl}).")
-    for name in ("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor"):
-        if not getattr(args, name) > 0:
+    for name in positive:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
-    if args.l_eval_start is not None and args.l_eval_start < 0:
-        raise UserError(f"--l-eval-start must be at least 0 (got {args.l_eval_start}).")
-    if not 0 < args.score_gamma <= 1 or args.continuation_temp < 0:
-        raise UserError(f"--score-gamma must lie in (0, 1] and --continuation-temp be at least 0 (got "
-                        f"{args.score_gamma}, {args.continuation_temp}).")
+
+
+def check_args(args):
+    """Flags out of range end with one error line before any work, not with a NaN loss or an empty batch later."""
+    check_ranges(args, dict(group_size=2, num_resets=1, l_traj=1, l_eval=0, l_eval_start=0, l_eval_ramp=1,
+                            eval_every=1, eval_episodes=1, update_epochs=1, num_minibatches=1, failure_window=1,
+                            total_env_steps=1, torch_threads=0, adv_eps=0, ent_coef=0, continuation_temp=0),
+                 positive=("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor", "target_kl"))
+    if not 0 < args.score_gamma <= 1:
+        raise UserError(f"--score-gamma must lie in (0, 1] (got {args.score_gamma}).")
 
 
 ACTIVE_CHECKPOINT = None  # the checkpoint of the run in progress, for the Ctrl-C message
@@ -761,6 +781,7 @@ class Run:
             torch.set_num_threads(args.torch_threads)
         if args.capture_video:
             os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering
+        check_writable("runs")
         self.state = None
         if args.resume:
             ckpt = self.state = load_checkpoint(args.resume, args.env_id, self.device)

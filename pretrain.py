@@ -8,6 +8,7 @@ Run: python pretrain.py --env-id Hopper-v4
 """
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -143,6 +144,9 @@ def read_d4rl(f):
     ends = g("terminals").reshape(-1).astype(bool)
     if "timeouts" in f:
         ends = ends | g("timeouts").reshape(-1).astype(bool)
+    lengths = {"observations": len(obs), "actions": len(act), "rewards": len(rew), "terminals/timeouts": len(ends)}
+    if len(set(lengths.values())) > 1:
+        raise UserError(f"the dataset's arrays differ in length ({lengths}); the file is damaged or not D4RL v2.")
     qp, qv = (g("infos/qpos"), g("infos/qvel")) if "infos/qpos" in f and "infos/qvel" in f else (None, None)
     return split_episodes(obs, act, rew.astype(np.float64), ends, qp, qv)
 
@@ -162,14 +166,42 @@ def read_minari(f):
     return eps
 
 
+def minari_metadata(path, f):
+    """A Minari dataset's own metadata: the HDF5 root attributes (older Minari) or the metadata.json beside
+    main_data.hdf5 (newer Minari); {} for other files."""
+    import json
+
+    meta = {k: f.attrs[k] for k in ("env_spec", "dataset_id") if k in f.attrs}
+    side = os.path.join(os.path.dirname(os.path.abspath(path)), "metadata.json")
+    if not meta and os.path.isfile(side):
+        try:
+            with open(side) as fh:
+                meta = {k: v for k, v in json.load(fh).items() if k in ("env_spec", "dataset_id")}
+        except (OSError, ValueError):
+            meta = {}
+    try:
+        spec = meta.get("env_spec")
+        meta["env_id"] = (json.loads(spec) if isinstance(spec, (str, bytes)) else spec or {}).get("id")
+    except (ValueError, AttributeError):
+        meta["env_id"] = None
+    return meta
+
+
 def load_hdf5(path, env_id):
-    """Read a local D4RL v2 or Minari file, check its dims against the env: list of episode dicts."""
+    """Read a local D4RL v2 or Minari file, check its dims and values: list of episode dicts."""
+    if os.path.isdir(path):
+        raise UserError(f"dataset {path!r} is a folder; pass the .hdf5 file itself (Minari: "
+                        "<dataset>/data/main_data.hdf5).")
     if not os.path.isfile(path):
         raise UserError(f"dataset {path!r} not found; pass a local D4RL/Minari .hdf5 file or --dataset random.")
     if not h5py.is_hdf5(path):
         raise UserError(f"{path!r} is not an HDF5 file; pass a D4RL v2 .hdf5 or a Minari main_data.hdf5.")
-    with h5py.File(path, "r") as f:
-        try:
+    try:
+        with h5py.File(path, "r") as f:
+            recorded = minari_metadata(path, f).get("env_id")
+            if recorded not in (None, env_id):
+                print(f"warning: {path!r} was recorded on {recorded}, and you pretrain for {env_id}; the dims match, "
+                      "the dynamics may not.")
             if "observations" in f and "actions" in f:
                 eps = read_d4rl(f)
             elif any(k.startswith("episode_") for k in f.keys()):
@@ -177,10 +209,18 @@ def load_hdf5(path, env_id):
             else:
                 raise UserError(f"{path!r} has neither the D4RL layout (observations, actions, ...) nor Minari "
                                 "episode_<n> groups.")
-        except KeyError as e:
-            raise UserError(f"{path!r} lacks a required dataset ({e}); is it a complete D4RL/Minari file?") from None
+    except KeyError as e:
+        raise UserError(f"{path!r} lacks a required dataset ({e}); is it a complete D4RL/Minari file?") from None
+    except OSError as e:  # h5py's error for a file cut short or otherwise unreadable
+        raise UserError(f"cannot read {path!r} ({str(e).split('(')[0].strip()}); is the copy complete?") from None
     if not eps:
         raise UserError(f"{path!r} holds no transitions.")
+    for key in ("observations", "actions", "rewards"):
+        flat = np.concatenate([e[key].reshape(len(e[key]), -1) for e in eps])
+        bad = np.flatnonzero(~np.isfinite(flat).all(1))
+        if len(bad):
+            raise UserError(f"{path!r}: {key} has a non-finite value (first at row {bad[0]} of {len(flat)}); clean "
+                            "the data first.")
     env = dt_grpo.make_env(env_id)
     want = (env.observation_space.shape[0], env.action_space.shape[0])
     env.close()
@@ -236,12 +276,49 @@ class WindowSampler:
 # ---------------------------------------------------------------------------------------------------
 # Pretraining: NLL + entropy temperature (ODT's recipe)
 # ---------------------------------------------------------------------------------------------------
+def check_args(args: Args):
+    """Every flag's range, before any work: one error line instead of a traceback after training."""
+    dt_grpo.check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
+                                    num_steps=1, batch_size=1, warmup_steps=1, eval_episodes=1, log_every=1,
+                                    weight_decay=0, dropout=0),
+                         positive=("learning_rate", "temperature_lr", "init_temperature", "max_grad_norm",
+                                   "reward_scale"))
+    if args.embed_dim % args.n_head:
+        raise UserError(f"--n-head ({args.n_head}) must divide --embed-dim ({args.embed_dim}).")
+    if args.dropout >= 1:
+        raise UserError(f"--dropout must be below 1 (got {args.dropout}).")
+
+
+def dataset_id(args: Args) -> str:
+    """The data's own name for the default checkpoint: `random`, a Minari file's dataset_id (or its folder, as
+    every Minari file is called main_data.hdf5), else the file's name."""
+    if args.dataset == "random":
+        return "random"
+    name = os.path.splitext(os.path.basename(args.dataset))[0]
+    try:
+        with h5py.File(args.dataset, "r") as f:
+            data_id = minari_metadata(args.dataset, f).get("dataset_id")
+            if data_id:
+                return str(data_id).replace("/", "_")
+    except OSError:  # unreadable or a folder: load_hdf5 says why
+        pass
+    if name == "main_data":  # Minari layout <dataset_id>/data/main_data.hdf5
+        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.dataset)))) or name
+    return name
+
+
+def default_output(args: Args, data_id: str) -> str:
+    return os.path.join("checkpoints", f"{args.env_id}__{data_id}.pt")
+
+
 def main(args: Args):
+    check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     dt_grpo.seed_everything(args.seed)
     env = dt_grpo.make_env(args.env_id)
-    data_name = os.path.basename(args.dataset).split(".")[0]
-    output = args.output or os.path.join("checkpoints", f"{args.env_id}__{data_name}.pt")
+    output = args.output or default_output(args, dataset_id(args))
+    dt_grpo.check_writable(os.path.dirname(os.path.abspath(output)))
+    dt_grpo.check_writable("runs")
     eps, source = load_dataset(args)
     all_obs = np.concatenate([e["observations"] for e in eps])
     obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-6
@@ -249,7 +326,11 @@ def main(args: Args):
     ep_ret = np.array([e["rewards"].sum() for e in eps])
     print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} "
           f"(max {ep_ret.max():.1f})")
-    sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
+    with np.errstate(over="ignore"):
+        sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
+    if not np.isfinite(sampler.rtg).all():
+        raise UserError(f"--reward-scale {args.reward_scale} makes the returns-to-go overflow; use a scale near "
+                        "1/(a typical return), e.g. 0.001.")
 
     cfg = dt_grpo.ModelConfig(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
                               n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len,
@@ -261,7 +342,24 @@ def main(args: Args):
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
     target_entropy = -cfg.act_dim
 
-    writer = dt_grpo.make_writer(os.path.join("runs", dt_grpo.new_run_dir(args)), args)
+    run_dir = os.path.join("runs", dt_grpo.new_run_dir(args))
+    writer = dt_grpo.make_writer(run_dir, args)
+    try:
+        out = train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler,
+                             writer, env, dict(obs_mean=obs_mean, obs_std=obs_std, model_config=asdict(cfg),
+                                               data_source=source), output, device)
+    except BaseException:  # a failed or interrupted run leaves no folder with a lone events file behind
+        writer.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if os.path.isdir("runs") and not os.listdir("runs"):
+            os.rmdir("runs")  # created for this run only
+        raise
+    writer.close()
+    return out
+
+
+def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler, writer, env,
+                   meta, output, device):
     model.train()
     t_start = time.time()
     for step in range(1, args.num_steps + 1):
@@ -282,6 +380,9 @@ def main(args: Args):
         temp_loss.backward()
         temp_optimizer.step()
         if step % args.log_every == 0 or step == args.num_steps:
+            if not torch.isfinite(loss):  # checked when logging: one host sync per --log-every steps
+                raise UserError(f"the pretraining loss became non-finite by step {step}; lower --learning-rate or "
+                                "check the data. Nothing was written.")
             sps = step / (time.time() - t_start)
             for name, value in [("losses/nll", nll.item()), ("losses/entropy", entropy.item()),
                                 ("losses/temperature", log_temp.exp().item()), ("charts/grad_steps_per_s", sps)]:
@@ -294,18 +395,18 @@ def main(args: Args):
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
     model.eval()
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.eval_episodes)]
-    norm = dt_grpo.Normalizer(obs_mean, obs_std)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError("the pretrained weights are not finite; lower --learning-rate. Nothing was written.")
+    norm = dt_grpo.Normalizer(meta["obs_mean"], meta["obs_std"])
     returns, lengths, _ = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
     score = dt_grpo.normalized_score(args.env_id, returns)
     print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
     writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
-    dt_grpo.atomic_save(dict(model=model.state_dict(), model_config=asdict(cfg), args=asdict(args), obs_mean=obs_mean,
-                             obs_std=obs_std, env_id=args.env_id, reward_scale=args.reward_scale, data_source=source,
-                             eval_return=float(returns.mean())), output)
+    dt_grpo.atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
+                             reward_scale=args.reward_scale, eval_return=float(returns.mean())), output)
     print(f"checkpoint written to {output}")
-    writer.close()
     for e in [env, *envs]:
         e.close()
     return output

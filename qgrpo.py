@@ -43,12 +43,9 @@ class Args(dt_grpo.Args):
 
 def check_args(args: Args):
     dt_grpo.check_args(args)
-    for name in ("num_rollouts", "critic_batch_size", "buffer_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
-    if not args.critic_lr > 0:
-        raise UserError(f"--critic-lr must be positive (got {args.critic_lr}).")
-    if not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1:
+    dt_grpo.check_ranges(args, dict(num_rollouts=1, critic_batch_size=1, buffer_size=1, critic_utd=0, policy_noise=0,
+                                    noise_clip=0), positive=("critic_lr", "tau"))
+    if not 0 <= args.gamma <= 1 or args.tau > 1:
         raise UserError(f"--gamma must lie in [0, 1] and --tau in (0, 1] (got {args.gamma}, {args.tau}).")
 
 

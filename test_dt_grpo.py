@@ -1,8 +1,10 @@
 """Tests of dt_grpo.py and pretrain.py: the model, the math of GRPO-DT, the data readers, the error paths and
 end-to-end smoke runs on tiny budgets.  Run: python -m pytest -q"""
 
+import contextlib
 import dataclasses
 import glob
+import io
 import os
 import subprocess
 import sys
@@ -482,7 +484,8 @@ def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_ne
     stats, _ = dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)
     assert len(stats["policy_loss"]) == 2  # one epoch of 2 minibatches (the first epoch's ratio moved off 1)
     args.target_kl = None
-    assert len(dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)[0]["policy_loss"]) == 10
+    stats, _ = dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)
+    assert len(stats["policy_loss"]) == 10
 
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
@@ -530,6 +533,114 @@ def test_bad_datasets(tmp_path):
     p = run("pretrain.py", "--dataset", "walker.hdf5", "--env-id", "Hopper-v4", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "(17, 6)", "(11, 3)")
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def assert_nothing_written(tmp_path):
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("damage,words", [("nan_obs", ["observations", "row 3"]), ("nan_rewards", ["rewards", "row 7"]),
+                                         ("short_actions", ["differ in length"]), ("truncated", ["cannot read"])])
+def test_damaged_datasets_get_one_line_and_write_nothing(tmp_path, damage, words):
+    path = tmp_path / "d.hdf5"
+    write_d4rl(str(path))
+    if damage == "truncated":  # a partial copy: the first half of the file
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        with h5py.File(path, "r+") as f:
+            if damage == "nan_obs":
+                f["observations"][3, 2] = np.nan
+            elif damage == "nan_rewards":
+                f["rewards"][7] = np.nan
+            else:
+                a = f["actions"][()][:-2]
+                del f["actions"]
+                f["actions"] = a
+    p = run("pretrain.py", "--dataset", "d.hdf5", *TINY_MODEL, "--num-steps", "2", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, *words)
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("flags,word", [(["--eval-episodes", "0"], "--eval-episodes"),
+                                        (["--batch-size", "0"], "--batch-size"),
+                                        (["--context-len", "0"], "--context-len"),
+                                        (["--n-head", "3"], "divide --embed-dim"),
+                                        (["--learning-rate", "nan"], "--learning-rate"),
+                                        (["--dataset-steps", "0"], "--dataset-steps"),
+                                        (["--dataset", "."], "is a folder"),
+                                        (["--output", "notes.txt/ck.pt"], "cannot write")])
+def test_bad_pretrain_flags_fail_before_any_work(tmp_path, flags, word):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    p = run("pretrain.py", *flags, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, word)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no data cached, no run folder, no checkpoint
+
+
+@pytest.mark.parametrize("flags,word", [(["--target-rtg", "nan"], "--target-rtg"),
+                                        (["--eval-rtg", "inf"], "--eval-rtg"),
+                                        (["--total-env-steps", "-5"], "--total-env-steps"),
+                                        (["--torch-threads", "-1"], "--torch-threads"),
+                                        (["--checkpoint", "."], "is a folder")])
+def test_bad_finetuning_flags(tmp_path, flags, word):
+    p = run("dt_grpo.py", *flags, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, word)
+    assert not os.listdir(tmp_path)
+
+
+def test_non_finite_pretraining_loss_stops_with_one_line_and_leaves_no_run_folder(tmp_path):
+    write_d4rl(str(tmp_path / "d.hdf5"))
+    p = run("pretrain.py", "--dataset", "d.hdf5", *TINY_MODEL, "--num-steps", "6", "--log-every", "3",
+            "--learning-rate", "1e30", "--warmup-steps", "1", cwd=tmp_path, expect=2)  # the weights blow up
+    assert_one_line_error(p, "non-finite")
+    assert_nothing_written(tmp_path)
+    p = run("pretrain.py", "--dataset", "d.hdf5", *TINY_MODEL, "--reward-scale", "1e38", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "--reward-scale")  # RTG tokens would overflow: caught before training
+    assert_nothing_written(tmp_path)
+
+
+def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path):
+    import signal
+
+    write_d4rl(str(tmp_path / "d.hdf5"))
+    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), "--dataset", "d.hdf5", *TINY_MODEL, "--num-steps",
+           "100000", "--log-every", "1"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step 3/"):
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert_nothing_written(tmp_path)
+
+
+def write_minari(path, env_spec_id=None, dataset_id=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with h5py.File(path, "w") as f:
+        if env_spec_id:
+            f.attrs["env_spec"] = '{"id": "%s"}' % env_spec_id
+        if dataset_id:
+            f.attrs["dataset_id"] = dataset_id
+        g = f.create_group("episode_0")
+        g["observations"] = np.zeros((6, 11), np.float32)
+        g["actions"] = np.zeros((5, 3), np.float32)
+        g["rewards"] = np.ones(5)
+
+
+def test_minari_env_mismatch_warns_and_datasets_get_their_own_checkpoint_names(tmp_path):
+    a = str(tmp_path / "hopper-v5-medium" / "data" / "main_data.hdf5")
+    write_minari(a, env_spec_id="Hopper-v5", dataset_id="mujoco/hopper/medium-v0")
+    b = str(tmp_path / "hopper-simple-v0" / "data" / "main_data.hdf5")  # no metadata: the folder names it
+    write_minari(b)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain.load_hdf5(a, "Hopper-v4")
+    assert "Hopper-v5" in out.getvalue() and "Hopper-v4" in out.getvalue()
+    names = {pretrain.default_output(pretrain.Args(dataset=d), pretrain.dataset_id(pretrain.Args(dataset=d)))
+             for d in (a, b)}
+    assert names == {os.path.join("checkpoints", "Hopper-v4__mujoco_hopper_medium-v0.pt"),
+                     os.path.join("checkpoints", "Hopper-v4__hopper-simple-v0.pt")}
 
 
 def test_checkpoint_for_another_env_and_set_state_free_env(tiny_ckpt, tmp_path):
