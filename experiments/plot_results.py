@@ -19,19 +19,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
 def load(run_dir, max_steps):
+    """A run's evaluations: from the evaluation history in its checkpoint (wall time = the run's own time, resumes
+    included, pauses between them excluded), else from its TensorBoard events."""
+    name = os.path.basename(run_dir.rstrip("/"))
+    parts = name.split("__")
+    run = dict(name=name, exp=parts[1] if len(parts) > 2 else name, seed=parts[2] if len(parts) > 2 else "?")
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.isfile(ckpt):
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ev = [e for e in ck.get("evals", []) if e["env_steps"] <= max_steps]
+        if ev:
+            return dict(run, steps=np.array([e["env_steps"] for e in ev]), score=np.array([e["score"] for e in ev]),
+                        wall=np.array([e["wall_s"] - ev[0]["wall_s"] for e in ev]), grad_steps=ck["grad_steps"])
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     ev = [e for e in acc.Scalars("eval/normalized_score") if e.step <= max_steps]
     grad = [e for e in acc.Scalars("charts/grad_steps") if e.step <= max_steps]
-    name = os.path.basename(run_dir.rstrip("/"))
-    parts = name.split("__")
     t0 = ev[0].wall_time
-    return dict(name=name, exp=parts[1] if len(parts) > 2 else name, seed=parts[2] if len(parts) > 2 else "?",
-                steps=np.array([e.step for e in ev]), score=np.array([e.value for e in ev]),
+    return dict(run, steps=np.array([e.step for e in ev]), score=np.array([e.value for e in ev]),
                 wall=np.array([e.wall_time - t0 for e in ev]), grad_steps=int(grad[-1].value) if grad else 0)
 
 
@@ -82,7 +92,8 @@ def main():
         ax.set_ylabel("D4RL normalized score")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("dt_grpo on Hopper-v4 from random-data pretraining (deterministic evaluation; thin: seeds)")
+    env = os.path.basename(a.runs[0].rstrip("/")).split("__")[0]
+    fig.suptitle(f"dt_grpo on {env} from random-data pretraining (deterministic evaluation; thin: seeds)")
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=100)
     print(f"wrote {a.out}.md and {a.out}.png")
