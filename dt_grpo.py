@@ -890,8 +890,9 @@ class Run:
         if self.nonfinite >= args.max_nonfinite:
             raise UserError(f"{self.nonfinite} consecutive non-finite losses: training diverged; lower --learning-rate "
                             f"or --clip-eps and resume from the last checkpoint ({self.ckpt_path}).")
-        s = {k: v.mean().item() for k, v in stats.items()}  # one host sync per iteration
-        s["ratio_max"] = stats["ratio_max"].max().item() if stats else float("nan")
+        reduced = [v.max() if k == "ratio_max" else v.mean() for k, v in stats.items()]
+        s = dict(zip(stats, torch.stack(reduced).tolist())) if stats else {}  # one host sync per iteration
+        s.setdefault("ratio_max", float("nan"))
         R = batch["R"]
         sps = (self.env_steps - self.start_steps) / (time.time() - self.t_start)
         logged = {"charts/SPS": sps, "charts/env_steps": self.env_steps, "charts/grad_steps": self.grad_steps,
