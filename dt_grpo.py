@@ -66,6 +66,8 @@ class Args:
     """path of a checkpoint written by this script: continue that run where it stopped"""
     total_env_steps: int = 2_000_000
     """budget of simulated steps (anchor + branches; evaluation not counted); an iteration is never cut short"""
+    max_wall_minutes: Optional[float] = None
+    """if set, also stop starting iterations after this much wall time (resumed legs count): equal-time comparisons"""
     learning_rate: float = 3e-5
     """Adam learning rate of the online updates"""
     target_rtg: Optional[float] = None
@@ -653,7 +655,7 @@ def main(args: Args):
     anchor_env = make_env(args.env_id)
     branch_envs = [make_env(args.env_id) for _ in range(args.num_resets * args.group_size)]
     run.begin()  # a new run: evaluate the pretrained DT, first checkpoint
-    while run.env_steps < args.total_env_steps:
+    while run.running():
         reset_seed, rng = run.next_iteration()
         batch = collect_groups(run.model, anchor_env, branch_envs, args, run.norm, run.scale, run.target_rtg,
                                reset_seed, rng, l_eval=l_eval_at(args, run.env_steps))  # steps 1-4
@@ -758,7 +760,8 @@ def check_args(args):
     check_ranges(args, dict(group_size=2, num_resets=1, l_traj=1, l_eval=0, l_eval_start=0, l_eval_ramp=1,
                             eval_every=1, eval_episodes=1, update_epochs=1, num_minibatches=1, failure_window=1,
                             total_env_steps=1, torch_threads=0, adv_eps=0, ent_coef=0, continuation_temp=0),
-                 positive=("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor", "target_kl"))
+                 positive=("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor", "target_kl",
+                           "max_wall_minutes"))
     if not 0 < args.score_gamma <= 1:
         raise UserError(f"--score-gamma must lie in (0, 1] (got {args.score_gamma}).")
 
@@ -771,7 +774,7 @@ class Run:
     or resumed; the optimizer; TensorBoard; evaluation on fresh start states; a checkpoint after every iteration
     (`extra` holds a variant's own state: objects with state_dict/load_state_dict)."""
 
-    def __init__(self, args, check=check_args):
+    def __init__(self, args, check=check_args, make_optimizer=None):
         check(args)
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -793,10 +796,13 @@ class Run:
                 pretrain_default(args.env_id, path)
             ckpt = load_checkpoint(path, args.env_id, self.device)
         self.model, self.norm = load_policy(ckpt, self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate)
+        self.optimizer = (make_optimizer or (lambda m: torch.optim.Adam(m.parameters(), lr=args.learning_rate)))(
+            self.model)
         self.scale = ckpt["reward_scale"]
-        self.target_rtg = args.target_rtg if args.target_rtg is not None else default_rtg(args.env_id)
+        target = getattr(args, "target_rtg", None)  # a variant without rollout RTG of its own evaluates at the table's
+        self.target_rtg = target if target is not None else default_rtg(args.env_id)
         self.eval_rtg = args.eval_rtg if args.eval_rtg is not None else self.target_rtg
+        self.loaded = ckpt  # a variant may read its own keys (the pretraining's final temperature, ...)
         keys = ("model_config", "obs_mean", "obs_std", "env_id", "reward_scale", "data_source")
         self.meta = {k: ckpt[k] for k in keys}
         self.iteration = self.env_steps = self.grad_steps = self.eval_env_steps = self.nonfinite = 0
@@ -808,8 +814,9 @@ class Run:
             self.eval_env_steps, self.run_name = s["eval_env_steps"], s["run_name"]
             self.evals, self.wall0 = s.get("evals", []), s.get("wall_s", 0.0)
             print(f"resuming {self.run_name} at iteration {self.iteration} ({self.env_steps} env steps)")
+            budget = ("resume", "checkpoint", "total_env_steps", "max_wall_minutes")
             changed = {k: (s["args"].get(k), v) for k, v in asdict(args).items()
-                       if k not in ("resume", "checkpoint", "total_env_steps") and s["args"].get(k) != v}
+                       if k not in budget and s["args"].get(k) != v}
             if changed:  # flags given next to --resume override the run's own; say which
                 print(f"warning: flags changed from the resumed run's (was, now): {changed}")
         else:
@@ -849,6 +856,11 @@ class Run:
     def wall(self):
         return self.wall0 + time.time() - self.t_start
 
+    def running(self):
+        """True while the env-step budget (and the --max-wall-minutes budget, if set) has room for an iteration."""
+        cap = self.args.max_wall_minutes
+        return self.env_steps < self.args.total_env_steps and (cap is None or self.wall() < 60 * cap)
+
     def save(self):
         atomic_save(dict(self.meta, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                          iteration=self.iteration, env_steps=self.env_steps, grad_steps=self.grad_steps,
@@ -884,8 +896,6 @@ class Run:
     def end_iteration(self, batch, stats, n_bad, scalars=None):
         """Count, log (x-axis: env steps of anchor and branches), evaluate every --eval-every iterations, save."""
         args = self.args
-        self.env_steps += batch["env_steps"]
-        self.grad_steps += len(stats.get("policy_loss", []))
         self.nonfinite = 0 if stats else self.nonfinite + n_bad
         if self.nonfinite >= args.max_nonfinite:
             raise UserError(f"{self.nonfinite} consecutive non-finite losses: training diverged; lower --learning-rate "
@@ -894,21 +904,32 @@ class Run:
         s = dict(zip(stats, torch.stack(reduced).tolist())) if stats else {}  # one host sync per iteration
         s.setdefault("ratio_max", float("nan"))
         R = batch["R"]
+        logged = {"charts/anchor_return": batch["anchor_return"], "charts/anchor_length": batch["anchor_len"],
+                  "charts/group_return_mean": R.mean(), "charts/group_return_std": R.std(1).mean(),
+                  "losses/nonfinite_skipped": n_bad, **{f"losses/{k}": v for k, v in s.items() if k != "action_std"},
+                  "charts/action_std": s.get("action_std", float("nan")), **(scalars or {})}
+        line = (f"anchor_len {batch['anchor_len']} group_R {R.mean():.1f}+-{R.std(1).mean():.1f} loss "
+                f"{s.get('policy_loss', float('nan')):.4f} kl {s.get('approx_kl', float('nan')):.4f} clipfrac "
+                f"{s.get('clipfrac', float('nan')):.2f} std {s.get('action_std', float('nan')):.3f}")
+        self.log_iteration(batch["env_steps"], len(stats.get("policy_loss", [])), logged, line)
+
+    def log_iteration(self, env_steps, grad_steps, logged, line):
+        """Every variant's end of iteration: count, log (x-axis: env steps), print with an ETA, evaluate every
+        --eval-every iterations and at the end, save."""
+        args = self.args
+        self.env_steps += env_steps
+        self.grad_steps += grad_steps
         sps = (self.env_steps - self.start_steps) / (time.time() - self.t_start)
         logged = {"charts/SPS": sps, "charts/env_steps": self.env_steps, "charts/grad_steps": self.grad_steps,
-                  "charts/iteration": self.iteration, "charts/anchor_return": batch["anchor_return"],
-                  "charts/anchor_length": batch["anchor_len"], "charts/group_return_mean": R.mean(),
-                  "charts/group_return_std": R.std(1).mean(), "losses/nonfinite_skipped": n_bad,
-                  **{f"losses/{k}": v for k, v in s.items() if k != "action_std"},
-                  "charts/action_std": s.get("action_std", float("nan")), **(scalars or {})}
+                  "charts/iteration": self.iteration, "charts/wall_s": self.wall(), **logged}
         for name, value in logged.items():
             self.writer.add_scalar(name, value, self.env_steps)
         left = max(args.total_env_steps - self.env_steps, 0) / max(sps, 1e-9)
-        print(f"iter {self.iteration} env_steps {self.env_steps} anchor_len {batch['anchor_len']} group_R "
-              f"{R.mean():.1f}+-{R.std(1).mean():.1f} loss {s.get('policy_loss', float('nan')):.4f} kl "
-              f"{s.get('approx_kl', float('nan')):.4f} clipfrac {s.get('clipfrac', float('nan')):.2f} std "
-              f"{s.get('action_std', float('nan')):.3f} SPS {sps:.0f} ETA {left / 60:.0f} min", flush=True)
-        if self.iteration % args.eval_every == 0 or self.env_steps >= args.total_env_steps:
+        if args.max_wall_minutes is not None:
+            left = min(left, max(60 * args.max_wall_minutes - self.wall(), 0))
+        print(f"iter {self.iteration} env_steps {self.env_steps} {line} SPS {sps:.0f} ETA {left / 60:.0f} min",
+              flush=True)
+        if self.iteration % args.eval_every == 0 or not self.running():
             self.evaluate()
         self.save()  # every iteration: a killed run resumes (--resume) without losing a finished iteration
 
@@ -917,7 +938,7 @@ class Run:
             env.close()
         self.writer.close()
         over = self.env_steps - self.args.total_env_steps
-        if over > 0:
+        if over > 0 and self.wall() < 60 * (self.args.max_wall_minutes or float("inf")):
             print(f"note: the last iteration ran {over} env steps past --total-env-steps (iterations are never cut)")
         scores = [e["score"] for e in self.evals[1:]]  # the evaluations after finetuning started
         if scores:

@@ -31,6 +31,8 @@ class Args:
     """seed of data generation, batch sampling and model initialisation"""
     cuda: bool = True
     """if toggled and a GPU is present, train on it"""
+    torch_threads: int = 0
+    """CPU threads of torch (0 = torch's default); 1 lets several processes share a CPU, one core each"""
     env_id: str = "Hopper-v4"
     """the id of the MuJoCo environment"""
     dataset: str = "random"
@@ -280,7 +282,7 @@ def check_args(args: Args):
     """Every flag's range, before any work: one error line instead of a traceback after training."""
     dt_grpo.check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
                                     num_steps=1, batch_size=1, warmup_steps=1, eval_episodes=1, log_every=1,
-                                    weight_decay=0, dropout=0),
+                                    torch_threads=0, weight_decay=0, dropout=0),
                          positive=("learning_rate", "temperature_lr", "init_temperature", "max_grad_norm",
                                    "reward_scale"))
     if args.embed_dim % args.n_head:
@@ -315,6 +317,8 @@ def main(args: Args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     dt_grpo.seed_everything(args.seed)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     env = dt_grpo.make_env(args.env_id)
     output = args.output or default_output(args, dataset_id(args))
     dt_grpo.check_writable(os.path.dirname(os.path.abspath(output)))
@@ -358,27 +362,36 @@ def main(args: Args):
     return out
 
 
+def odt_step(model, optimizer, log_temp, temp_optimizer, target_entropy, b, max_grad_norm):
+    """One gradient step of ODT's objective on a batch of windows (also the online step of baselines/odt.py):
+        policy loss      = NLL(dataset actions) - lambda * H[pi]      (lambda = exp(log_temp), held fixed)
+        temperature loss = lambda * (H[pi] - target_entropy)          (H held fixed; target -act_dim)
+    Returns the policy loss, the NLL and the entropy estimate (tensors: no host sync)."""
+    mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])  # (B, K, act) each
+    m = b["valid"].float()
+    nll = -(dt_grpo.log_prob(mean, log_std, b["actions"]) * m).sum() / m.sum()
+    entropy = (dt_grpo.entropy_estimate(mean, log_std) * m).sum() / m.sum()
+    loss = nll - log_temp.exp().detach() * entropy
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    temp_loss = log_temp.exp() * (entropy - target_entropy).detach()
+    temp_optimizer.zero_grad()
+    temp_loss.backward()
+    temp_optimizer.step()
+    return loss.detach(), nll.detach(), entropy.detach()
+
+
 def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler, writer, env,
                    meta, output, device):
     model.train()
     t_start = time.time()
     for step in range(1, args.num_steps + 1):
         b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
-        mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])  # (B, K, act) each
-        m = b["valid"].float()
-        nll = -(dt_grpo.log_prob(mean, log_std, b["actions"]) * m).sum() / m.sum()
-        entropy = (dt_grpo.entropy_estimate(mean, log_std) * m).sum() / m.sum()
-        # loss = NLL - lambda * H (lambda detached); temperature loss = lambda * (H - target).detach()
-        loss = nll - log_temp.exp().detach() * entropy
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
+        loss, nll, entropy = odt_step(model, optimizer, log_temp, temp_optimizer, target_entropy, b,
+                                      args.max_grad_norm)
         scheduler.step()
-        temp_loss = log_temp.exp() * (entropy - target_entropy).detach()
-        temp_optimizer.zero_grad()
-        temp_loss.backward()
-        temp_optimizer.step()
         if step % args.log_every == 0 or step == args.num_steps:
             if not torch.isfinite(loss):  # checked when logging: one host sync per --log-every steps
                 raise UserError(f"the pretraining loss became non-finite by step {step}; lower --learning-rate or "
@@ -405,7 +418,8 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
     writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
     dt_grpo.atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
-                             reward_scale=args.reward_scale, eval_return=float(returns.mean())), output)
+                             reward_scale=args.reward_scale, eval_return=float(returns.mean()),
+                             temperature=float(log_temp.exp())), output)
     print(f"checkpoint written to {output}")
     for e in [env, *envs]:
         e.close()

@@ -186,7 +186,7 @@ def main(args: Args):
     replay = Replay(model.obs_dim, model.act_dim, args.buffer_size)
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_rollouts)]
     run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, replay=replay)  # saved and resumed
-    while run.env_steps < args.total_env_steps:
+    while run.running():
         seed, rng = run.next_iteration()
         batch = collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
                                       run.target_rtg, seed, rng)

@@ -1,0 +1,200 @@
+"""Online Decision Transformer (ODT; Zheng, Zhang & Grover 2022): the baseline GRPO-DT is measured against.
+
+ODT finetunes the pretrained DT with the *supervised* objective it was pretrained with, on its own rollouts:
+every iteration rolls out at a high return-to-go with sampled actions, relabels the rollout's RTG tokens with
+the return it actually achieved (hindsight), puts it in a FIFO replay of trajectories that starts from the best
+offline ones, and takes gradient steps of NLL - lambda * entropy on windows from that replay.
+
+The model, checkpoint, rollouts, evaluation, logging, env-step accounting and resume are dt_grpo.py's and the
+loss is pretrain.py's (both imported), so that a comparison differs in the algorithm only.
+Run: python baselines/odt.py --env-id Hopper-v4            (README: "Baselines")
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dt_grpo  # noqa: E402
+import pretrain  # noqa: E402
+from dt_grpo import UserError  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = "odt"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy and every environment reset derive from it)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and a GPU is present, the model runs on it"""
+    torch_threads: int = 0
+    """CPU threads of torch (0 = torch's default); 1 lets several runs share a CPU, one core each"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (imported only then)"""
+    wandb_project_name: str = "dt_grpo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, the first evaluation episode of every evaluation is saved as a GIF under `videos/`"""
+
+    # Algorithm specific arguments
+    env_id: str = "Hopper-v4"
+    """the id of the MuJoCo environment"""
+    checkpoint: Optional[str] = None
+    """pretrained checkpoint to finetune; default `checkpoints/<env-id>__random.pt`, pretrained first if missing"""
+    dataset: Optional[str] = None
+    """offline data that fill the replay at the start; default: the data the checkpoint was pretrained on"""
+    resume: Optional[str] = None
+    """path of a checkpoint written by this script: continue that run where it stopped"""
+    total_env_steps: int = 2_000_000
+    """budget of simulated steps (exploration rollouts; evaluation not counted)"""
+    max_wall_minutes: Optional[float] = None
+    """if set, also stop starting iterations after this much wall time (resumed legs count): equal-time comparisons"""
+    online_rtg: Optional[float] = None
+    """return-to-go of the exploration rollouts (raw); default: twice the eval table (hopper 7200, ODT's value)"""
+    eval_rtg: Optional[float] = None
+    """return-to-go of the deterministic evaluation; default: per-env table (hopper 3600, ODT's value)"""
+    eval_every: int = 2
+    """evaluate every this many iterations (ODT: 10; an iteration here is ~20 s of CPU)"""
+    eval_episodes: int = 10
+    """number of deterministic evaluation episodes, from start states drawn afresh at every evaluation"""
+    num_online_rollouts: int = 1
+    """exploration rollouts per iteration (ODT: 1), with sampled actions"""
+    updates_per_iter: int = 300
+    """gradient steps per iteration (ODT: 300)"""
+    batch_size: int = 64
+    """windows per gradient step (ODT: 256; 64 is pretrain.py's, a 4x cheaper step on a CPU)"""
+    replay_size: int = 1000
+    """trajectories in the replay (ODT: 1000): the best offline ones at the start, then first in, first out"""
+    learning_rate: float = 1e-4
+    """learning rate (ODT: 1e-4 with LAMB; here AdamW, pretrain.py's optimizer)"""
+    weight_decay: float = 5e-4
+    """AdamW weight decay (ODT: 5e-4)"""
+    max_grad_norm: float = 0.25
+    """gradient-norm clip (ODT: 0.25)"""
+    init_temperature: float = 0.1
+    """entropy temperature if the checkpoint does not carry pretraining's final one (ODT: 0.1)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of the temperature (ODT: 1e-4); its target entropy is -act_dim"""
+
+
+def check_args(args: Args):
+    dt_grpo.check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
+                                    batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0),
+                         positive=("learning_rate", "max_grad_norm", "init_temperature", "temperature_lr",
+                                   "max_wall_minutes"))
+
+
+class Temperature(nn.Module):
+    """lambda = exp(log_value): the entropy temperature of ODT's Lagrangian, a module so that it is checkpointed."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.log_value = nn.Parameter(torch.tensor(float(np.log(value))))
+
+
+class TrajectoryReplay:
+    """ODT's replay of whole trajectories: initialised with the `size` highest-return offline trajectories
+    (kept in increasing return), then each new trajectory overwrites the oldest entry, a pointer cycling from 0,
+    so the worst offline ones leave first."""
+
+    def __init__(self, episodes, size):
+        order = np.argsort([e["rewards"].sum() for e in episodes], kind="stable")[-size:]
+        self.trajectories, self.size, self.next = [episodes[i] for i in order], size, 0
+
+    def add(self, trajs):
+        for tr in trajs:
+            if len(self.trajectories) < self.size:
+                self.trajectories.append(tr)
+            else:
+                self.trajectories[self.next] = tr
+                self.next = (self.next + 1) % self.size
+
+    def state_dict(self):
+        return dict(trajectories=self.trajectories, size=self.size, next=self.next)
+
+    def load_state_dict(self, s):
+        self.trajectories, self.size, self.next = s["trajectories"], s["size"], s["next"]
+
+
+def explore(model, envs, norm, scale, online_rtg, seed, generator):
+    """ODT's exploration: len(envs) episodes from fresh starts (seeded), every action sampled from pi, the RTG
+    starting at online_rtg. Returns the raw episodes (observations, actions, achieved rewards) for the replay."""
+    n = len(envs)
+    obs = dt_grpo.reset_envs(envs, [seed + i for i in range(n)])
+    horizon = np.full(n, dt_grpo.episode_horizon(envs[0]))
+    out = dt_grpo.run_lanes(model, envs, obs, np.full(n, online_rtg * scale), np.zeros(n, np.int64), int(horizon[0]),
+                            horizon, norm, scale, generator=generator)
+    P = model.context_len - 1
+    states = out["buf"]["states"][:, P:].cpu().numpy() * norm.std + norm.mean  # back to raw observations
+    actions = out["buf"]["actions"][:, P:].cpu().numpy()
+    return [dict(observations=states[b, :T], actions=actions[b, :T], rewards=out["rewards"][b, :T])
+            for b, T in enumerate(out["length"])]
+
+
+def main(args: Args):
+    run = dt_grpo.Run(args, check=check_args, make_optimizer=lambda m: torch.optim.AdamW(
+        m.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay))
+    model, norm, scale, device = run.model, run.norm, run.scale, run.device
+    temperature = Temperature(run.loaded.get("temperature", args.init_temperature)).to(device)
+    temp_optimizer = torch.optim.Adam(temperature.parameters(), lr=args.temperature_lr)
+    replay = TrajectoryReplay(load_offline(args, run) if args.resume is None else [], args.replay_size)
+    run.begin(temperature=temperature, temp_optimizer=temp_optimizer, replay=replay)  # saved and resumed
+    online_rtg = args.online_rtg if args.online_rtg is not None else 2 * dt_grpo.default_rtg(args.env_id)
+    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_online_rollouts)]
+    while run.running():
+        seed, _ = run.next_iteration()
+        # 1. Exploration: rollouts at the online RTG with sampled actions, into the FIFO replay
+        trajs = explore(model, envs, norm, scale, online_rtg, seed, torch.Generator(device).manual_seed(seed))
+        replay.add(trajs)
+        # 2. Hindsight relabelling: the sampler recomputes every RTG token from the rewards a trajectory achieved
+        #    (not the online RTG it was rolled out at); windows are drawn with probability proportional to length
+        sampler = pretrain.WindowSampler(replay.trajectories, model.context_len, scale, norm.mean, norm.std,
+                                         model.max_ep_len, seed)
+        # 3. Gradient steps of ODT's objective: NLL - lambda * H, lambda tuned to the target entropy -act_dim
+        model.train()  # dropout, as in pretraining
+        losses = []
+        for _ in range(args.updates_per_iter):
+            b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
+            losses.append(torch.stack(pretrain.odt_step(model, run.optimizer, temperature.log_value, temp_optimizer,
+                                                        -model.act_dim, b, args.max_grad_norm)))
+        model.eval()
+        loss, nll, entropy = torch.stack(losses).mean(0).tolist()  # one host sync per iteration
+        if not np.isfinite(loss):
+            raise UserError(f"the ODT loss became non-finite in iteration {run.iteration}; lower --learning-rate and "
+                            f"resume from the last checkpoint ({run.ckpt_path}).")
+        ret = np.array([t["rewards"].sum() for t in trajs])
+        lengths = np.array([len(t["rewards"]) for t in trajs])
+        lam = temperature.log_value.exp().item()
+        logged = {"losses/policy_loss": loss, "losses/nll": nll, "losses/entropy": entropy, "losses/temperature": lam,
+                  "charts/rollout_return": ret.mean(), "charts/rollout_length": lengths.mean(),
+                  "charts/replay_trajectories": len(replay.trajectories)}
+        line = (f"rollout {ret.mean():.1f} ({lengths.mean():.0f} steps) nll {nll:.3f} entropy {entropy:.2f} "
+                f"temp {lam:.3f}")
+        run.log_iteration(int(lengths.sum()), args.updates_per_iter, logged, line)
+    run.finish(*envs)
+
+
+def load_offline(args: Args, run):
+    """The offline episodes that fill the replay: --dataset, else the file the checkpoint was pretrained on."""
+    path = args.dataset
+    if path is None:
+        source = str(run.meta.get("data_source", ""))
+        path = source.split(":", 1)[1] if ":" in source else ""
+        if not os.path.isfile(path):
+            raise UserError(f"the checkpoint's pretraining data ({source or 'not recorded'}) is not here; pass the "
+                            "offline file that fills ODT's replay with --dataset PATH.")
+    return pretrain.load_hdf5(path, args.env_id)
+
+
+if __name__ == "__main__":
+    dt_grpo.cli(main, Args)
