@@ -419,7 +419,7 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
     dt_grpo.atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
                              reward_scale=args.reward_scale, eval_return=float(returns.mean()),
-                             temperature=float(log_temp.exp())), output)
+                             temperature=log_temp.exp().item()), output)
     print(f"checkpoint written to {output}")
     for e in [env, *envs]:
         e.close()

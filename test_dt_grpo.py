@@ -17,6 +17,7 @@ import torch
 import dt_grpo
 import pretrain
 import qgrpo
+from baselines import odt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date.*")  # the -v4 envs are used on purpose
@@ -866,9 +867,115 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
 
 
 def test_help_lists_every_flag_with_text():
-    for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args)]:
+    for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args),
+                        ("baselines/odt.py", odt.Args)]:
         cmd = [sys.executable, os.path.join(HERE, script), "--help"]
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
         for name in cls.__dataclass_fields__:
             assert "--" + name.replace("_", "-") in out, (script, name)
-        assert "transformer width" in out or "sampled actions per branch" in out
+        assert any(w in out for w in ("transformer width", "sampled actions per branch", "gradient steps per iter"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ODT baseline (baselines/odt.py) and the D4RL-recipe data generator (experiments/make_d4rl_like.py)
+# ---------------------------------------------------------------------------------------------------
+def episode(ret, n=2):
+    return dict(observations=np.zeros((n, 11), np.float32), actions=np.zeros((n, 3), np.float32),
+                rewards=np.full(n, ret / n))
+
+
+def test_odt_replay_starts_with_the_best_offline_trajectories_then_replaces_fifo():
+    rb = odt.TrajectoryReplay([episode(r) for r in (5, 1, 3, 4, 2)], size=3)
+    returns = lambda: [float(t["rewards"].sum()) for t in rb.trajectories]  # noqa: E731
+    assert returns() == [3, 4, 5]  # the top 3 by return, worst first
+    rb.add([episode(10), episode(11)])
+    assert returns() == [10, 11, 5]  # the oldest (worst offline) entries leave first
+    rb.add([episode(12)])
+    assert returns() == [10, 11, 12]
+    rb.add([episode(13)])
+    assert returns() == [13, 11, 12]  # the pointer cycles
+    copy = odt.TrajectoryReplay([], size=1)
+    copy.load_state_dict(rb.state_dict())
+    copy.add([episode(14)])
+    assert [float(t["rewards"].sum()) for t in copy.trajectories] == [13, 14, 12]
+    small = odt.TrajectoryReplay([episode(1)], size=3)
+    small.add([episode(2), episode(3), episode(4)])  # grows to size, then FIFO
+    assert [float(t["rewards"].sum()) for t in small.trajectories] == [4, 2, 3]
+
+
+def test_odt_rollouts_are_relabelled_with_the_return_they_achieved(tiny_ckpt):
+    model, norm, _ = load_tiny(tiny_ckpt)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
+    trajs = odt.explore(model, envs, norm, 0.001, 7200.0, seed=5, generator=torch.Generator().manual_seed(0))
+    obs0 = dt_grpo.reset_envs(envs[:1], [5])[0]
+    np.testing.assert_allclose(trajs[0]["observations"][0], obs0, atol=1e-5)  # raw observations, not normalised
+    assert all(len(t["rewards"]) == len(t["actions"]) == len(t["observations"]) > 0 for t in trajs)
+    sampler = pretrain.WindowSampler(trajs[:1], 3, 0.001, norm.mean, norm.std, 1000, seed=0)
+    b = sampler.sample(32)
+    r = trajs[0]["rewards"]
+    achieved = np.cumsum(r[::-1])[::-1] * 0.001  # return-to-go of what the rollout got, not of 7200
+    t, valid = b["timesteps"], b["valid"]
+    np.testing.assert_allclose(b["rtg"][..., 0][valid], achieved[t[valid]], rtol=1e-5)
+    assert valid.sum() > 32 and achieved[0] < 1.0  # 7200 * 0.001 = 7.2 would be the token without relabelling
+
+
+def odt_cmd(tiny_ckpt, *extra):
+    data = torch.load(tiny_ckpt, weights_only=False)["data_source"].split(":", 1)[1]
+    return ["--checkpoint", tiny_ckpt, "--dataset", os.path.join(os.path.dirname(tiny_ckpt), data),
+            "--updates-per-iter", "3", "--batch-size", "8", "--eval-episodes", "2", "--eval-every", "1", *extra]
+
+
+def test_odt_smoke_run_logs_and_resumes_exactly(tiny_ckpt, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, c = tmp_path / "a", tmp_path / "c"
+    a.mkdir(), c.mkdir()
+    pa = run("baselines/odt.py", *odt_cmd(tiny_ckpt, "--total-env-steps", "60"), cwd=a)
+    run_dir = glob.glob(str(a / "runs" / "*"))[0]
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    for t in ["eval/normalized_score", "charts/env_steps", "charts/grad_steps", "charts/SPS", "losses/nll",
+              "losses/temperature", "charts/rollout_return"]:
+        assert t in acc.Tags()["scalars"], t
+    full = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert full["env_steps"] >= 60 and full["grad_steps"] == 3 * full["iteration"] and full["iteration"] >= 2
+    assert len(full["replay"]["trajectories"]) > 0 and "entropy_temp" in full
+    run("baselines/odt.py", *odt_cmd(tiny_ckpt, "--total-env-steps", "1"), cwd=c)
+    partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
+    pr = run("baselines/odt.py", "--resume", partial, "--total-env-steps", "60", cwd=c)
+    assert "resuming" in pr.stdout and last_eval(pr.stdout) == last_eval(pa.stdout)[2:]
+    resumed = torch.load(partial, weights_only=False)
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0)
+
+
+def test_odt_without_its_offline_data_says_to_pass_dataset(tiny_ckpt, tmp_path):
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    torch.save(dict(ck, data_source="random:data/elsewhere.hdf5"), tmp_path / "moved.pt")  # made on another machine
+    p = run("baselines/odt.py", "--checkpoint", "moved.pt", "--total-env-steps", "10", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "--dataset")
+    p = run("baselines/odt.py", *odt_cmd(tiny_ckpt, "--updates-per-iter", "0"), cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "--updates-per-iter")
+
+
+def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_path):
+    pytest.importorskip("stable_baselines3", reason="pip install -r experiments/requirements.txt")
+    p = run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", "--eval-every", "200", "--learning-starts",
+            "100", "--collect-steps", "300", "--eval-episodes", "1", "--band", "-1000", "100000", "--min-speed", "-9",
+            cwd=tmp_path)
+    assert "medium: 300 transitions" in p.stdout
+    env = dt_grpo.make_env("Hopper-v4")
+    env.reset(seed=0)
+    for name, n in [("medium", 300), ("medium-replay", 200)]:  # the band holds at the first evaluation (step 200)
+        path = tmp_path / "data" / f"Hopper-v4__{name}__seed1.hdf5"
+        with h5py.File(path, "r") as f:
+            assert {k: len(f[k]) for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                                           "infos/qpos", "infos/qvel")} == dict.fromkeys(
+                ("observations", "actions", "rewards", "terminals", "timeouts", "infos/qpos", "infos/qvel"), n)
+            obs, qpos, qvel = f["observations"][()], f["infos/qpos"][()], f["infos/qvel"][()]
+            assert f.attrs["sac_steps"] == 200 and (f["terminals"][()] | f["timeouts"][()])[-1]
+        for t in [0, n // 2, n - 1]:
+            env.unwrapped.set_state(qpos[t], qvel[t])
+            np.testing.assert_allclose(env.unwrapped._get_obs(), obs[t], atol=1e-6)
+        assert sum(len(e["rewards"]) for e in pretrain.load_hdf5(str(path), "Hopper-v4")) == n
+    assert "cached" in run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", cwd=tmp_path).stdout

@@ -148,7 +148,7 @@ def main(args: Args):
     temperature = Temperature(run.loaded.get("temperature", args.init_temperature)).to(device)
     temp_optimizer = torch.optim.Adam(temperature.parameters(), lr=args.temperature_lr)
     replay = TrajectoryReplay(load_offline(args, run) if args.resume is None else [], args.replay_size)
-    run.begin(temperature=temperature, temp_optimizer=temp_optimizer, replay=replay)  # saved and resumed
+    run.begin(entropy_temp=temperature, entropy_temp_opt=temp_optimizer, replay=replay)  # saved and resumed
     online_rtg = args.online_rtg if args.online_rtg is not None else 2 * dt_grpo.default_rtg(args.env_id)
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_online_rollouts)]
     while run.running():
