@@ -979,3 +979,69 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
             np.testing.assert_allclose(env.unwrapped._get_obs(), obs[t], atol=1e-6)
         assert sum(len(e["rewards"]) for e in pretrain.load_hdf5(str(path), "Hopper-v4")) == n
     assert "cached" in run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", cwd=tmp_path).stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweeps on Ray (experiments/sweep.py) and the report with rliable's statistics (experiments/report.py)
+# ---------------------------------------------------------------------------------------------------
+def test_sweep_runs_a_tiny_grid_on_local_ray_retries_failures_and_skips_finished_trials(tiny_ckpt, tmp_path):
+    pytest.importorskip("ray", reason="pip install -r experiments/requirements.txt")
+    grid = tmp_path / "tiny.yaml"
+    grid.write_text(f"""name: tiny
+env_ids: [Hopper-v4]
+seeds: [1]
+flags: {{checkpoint: {tiny_ckpt}, total-env-steps: 100, group-size: 3, num-resets: 2, l-traj: 3, l-eval: 5,
+        eval-episodes: 2, eval-every: 1, update-epochs: 1}}
+cells:
+  ok: {{}}
+  bad: {{group-size: 1}}
+""")
+    p = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--num-cpus", "2", cwd=tmp_path, expect=1)
+    assert "Hopper-v4__bad__seed1 failed (exit 2); retrying" in p.stdout and "1 trials failed" in p.stdout
+    done = sorted(os.listdir(tmp_path / "sweeps" / "tiny"))
+    assert "Hopper-v4__ok__seed1.json" in done
+    assert "Hopper-v4__bad__seed1.json" not in done
+    assert "--group-size must be at least 2" in (tmp_path / "sweeps" / "tiny" / "Hopper-v4__bad__seed1.log").read_text()
+    report = (tmp_path / "experiments" / "results" / "tiny.md").read_text()
+    assert "Hopper-v4 tiny-ok | 1 |" in report and "bad" not in report
+    assert (tmp_path / "experiments" / "results" / "tiny_Hopper-v4.png").is_file()
+    again = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--no-report", "--retries", "0",
+                cwd=tmp_path, expect=1)
+    assert "2 trials, 1 done before, 1 to run" in again.stdout  # the finished trials are not run again
+
+
+def test_sweep_grid_errors_are_one_line(tmp_path):
+    (tmp_path / "g.yaml").write_text("name: g\nseeds: [1]\n")
+    assert_one_line_error(run("experiments/sweep.py", "g.yaml", cwd=tmp_path, expect=2), "env_ids")
+    (tmp_path / "h.yaml").write_text("name: h\nenv_ids: [Hopper-v4]\nseeds: [1]\ncels: {}\n")
+    assert_one_line_error(run("experiments/sweep.py", "h.yaml", cwd=tmp_path, expect=2), "unknown keys", "cels")
+    assert_one_line_error(run("experiments/sweep.py", "none.yaml", cwd=tmp_path, expect=2), "not found")
+
+
+def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
+    pytest.importorskip("rliable", reason="pip install -r experiments/requirements.txt")
+    from torch.utils.tensorboard import SummaryWriter
+
+    finals = [10.0, 20.0, 30.0, 40.0]  # IQM of 4 seeds = mean of the middle two = 25
+    for seed, final in enumerate(finals, 1):
+        w = SummaryWriter(str(tmp_path / "runs" / f"Hopper-v4__hand__{seed}__0"))
+        for step, score, wall in [(0, 5.0, None), (100, final / 2, 60.0), (200, 2 * final, 120.0), (300, final, 180.0)]:
+            w.add_scalar("eval/normalized_score", score, step)
+            if wall is not None:
+                w.add_scalar("charts/wall_s", wall, step)
+                w.add_scalar("charts/grad_steps", step // 10, step)
+        w.close()
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import report
+
+    runs = sorted(glob.glob(str(tmp_path / "runs" / "*")))
+    r = report.load(runs[0])
+    np.testing.assert_allclose(r["wall"], [0, 60, 120, 180])  # the run's own clock, not the events' timestamps
+    assert report.main([*runs, "--out", str(tmp_path / "out")]) == 0
+    row = [ln for ln in (tmp_path / "out.md").read_text().splitlines() if "hand" in ln][0].split(" | ")
+    assert row[1] == "4" and row[2] == "5.0 [5.0, 5.0]"  # before: every seed 5
+    assert row[3].startswith("25.0 [") and row[4].startswith("50.0 [")  # last IQM 25, best IQM 2 * 25
+    lo, hi = map(float, row[3].split("[")[1].rstrip("]").split(","))
+    assert 10.0 <= lo < 25.0 < hi <= 40.0  # a bootstrap interval inside the seeds' range
+    assert row[6] == "10.0, 20.0, 30.0, 40.0" and row[7] == "300" and row[8] == "30" and row[9].startswith("3.0")
+    assert report.load(runs[0], max_steps=150)["score"].tolist() == [5.0, 5.0]  # same-budget cut
