@@ -37,7 +37,9 @@ warnings.filterwarnings("ignore", message=".*is out of date.*")  # we use the -v
 # 1. Arguments
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class RunArgs:
+    """What every online script shares (dt_grpo.py, qgrpo.py, baselines/odt.py): the run, its budget, evaluation."""
+
     exp_name: str = "dt_grpo"
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -57,7 +59,7 @@ class Args:
     capture_video: bool = False
     """if toggled, the first evaluation episode of every evaluation is saved as a GIF under `videos/`"""
 
-    # Algorithm specific arguments
+    # The run: environment, starting point, budget, evaluation
     env_id: str = "Hopper-v4"
     """the id of the MuJoCo environment"""
     checkpoint: Optional[str] = None
@@ -65,19 +67,27 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint written by this script: continue that run where it stopped"""
     total_env_steps: int = 2_000_000
-    """budget of simulated steps (anchor + branches; evaluation not counted); an iteration is never cut short"""
+    """budget of simulated steps that train (GRPO-DT: anchor + branches; evaluation never counts); an iteration is
+    never cut short"""
     max_wall_minutes: Optional[float] = None
     """if set, also stop starting iterations after this much wall time (resumed legs count): equal-time comparisons"""
-    learning_rate: float = 3e-5
-    """Adam learning rate of the online updates"""
-    target_rtg: Optional[float] = None
-    """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
     eval_rtg: Optional[float] = None
-    """return-to-go of the deterministic evaluation; default: same as target-rtg"""
+    """return-to-go of the deterministic evaluation; default: --target-rtg where the script has it, else the per-env
+    table (hopper 3600)"""
     eval_every: int = 5
     """evaluate every this many iterations (a checkpoint is written after every iteration)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes, from start states drawn afresh at every evaluation"""
+
+
+@dataclass
+class Args(RunArgs):
+    """GRPO-DT's flags (after the shared ones of RunArgs), in the order of the iteration's steps."""
+
+    learning_rate: float = 3e-5
+    """Adam learning rate of the online updates"""
+    target_rtg: Optional[float] = None
+    """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
     # 2. reset states (active sampling)
     num_resets: int = 8
     """M: reset states drawn along each anchor rollout (one group each)"""

@@ -26,47 +26,17 @@ from dt_grpo import UserError  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(dt_grpo.RunArgs):
+    """ODT's flags, after the shared ones of dt_grpo.RunArgs."""
+
     exp_name: str = "odt"
     """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy and every environment reset derive from it)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled and a GPU is present, the model runs on it"""
-    torch_threads: int = 0
-    """CPU threads of torch (0 = torch's default); 1 lets several runs share a CPU, one core each"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (imported only then)"""
-    wandb_project_name: str = "dt_grpo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, the first evaluation episode of every evaluation is saved as a GIF under `videos/`"""
-
-    # Algorithm specific arguments
-    env_id: str = "Hopper-v4"
-    """the id of the MuJoCo environment"""
-    checkpoint: Optional[str] = None
-    """pretrained checkpoint to finetune; default `checkpoints/<env-id>__random.pt`, pretrained first if missing"""
+    eval_every: int = 2
+    """evaluate every this many iterations (ODT: 10; an iteration here is ~30 s of CPU)"""
     dataset: Optional[str] = None
     """offline data that fill the replay at the start; default: the data the checkpoint was pretrained on"""
-    resume: Optional[str] = None
-    """path of a checkpoint written by this script: continue that run where it stopped"""
-    total_env_steps: int = 2_000_000
-    """budget of simulated steps (exploration rollouts; evaluation not counted)"""
-    max_wall_minutes: Optional[float] = None
-    """if set, also stop starting iterations after this much wall time (resumed legs count): equal-time comparisons"""
     online_rtg: Optional[float] = None
     """return-to-go of the exploration rollouts (raw); default: twice the eval table (hopper 7200, ODT's value)"""
-    eval_rtg: Optional[float] = None
-    """return-to-go of the deterministic evaluation; default: per-env table (hopper 3600, ODT's value)"""
-    eval_every: int = 2
-    """evaluate every this many iterations (ODT: 10; an iteration here is ~20 s of CPU)"""
-    eval_episodes: int = 10
-    """number of deterministic evaluation episodes, from start states drawn afresh at every evaluation"""
     num_online_rollouts: int = 1
     """exploration rollouts per iteration (ODT: 1), with sampled actions"""
     updates_per_iter: int = 300
