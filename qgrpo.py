@@ -7,6 +7,7 @@ Run: python qgrpo.py --env-id Hopper-v4    (works on envs without set_state)
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,13 +39,22 @@ class Args(dt_grpo.Args):
     noise_clip: float = 0.5
     """clip of the smoothing noise"""
     buffer_size: int = 1_000_000
-    """replay capacity in transitions"""
+    """replay capacity in transitions (with --target-action policy each also stores its K-step context: ~0.7 kB)"""
+    target_action: Literal["recorded", "policy"] = "recorded"
+    """TD target action at s': the DT's mean action recorded when the transition was collected (Q of the mixture of
+    past policies in the replay), or the current DT's mean action recomputed from the stored context of s' (Q of
+    the policy the critic scores for)"""
+    critic_reward_scale: float = 1.0
+    """rewards are multiplied by this in the TD target (Hopper's Q of tens to hundreds becomes ~0.1-1 at 0.01)"""
+    critic_warmup: int = 0
+    """env steps during which only the critic learns: the policy is updated once the replay has this many"""
 
 
 def check_args(args: Args):
     dt_grpo.check_args(args)
     dt_grpo.check_ranges(args, dict(num_rollouts=1, critic_batch_size=1, buffer_size=1, critic_utd=0, policy_noise=0,
-                                    noise_clip=0), positive=("critic_lr", "tau"))
+                                    noise_clip=0, critic_warmup=0),
+                         positive=("critic_lr", "tau", "critic_reward_scale"))
     if not 0 <= args.gamma <= 1 or args.tau > 1:
         raise UserError(f"--gamma must lie in [0, 1] and --tau in (0, 1] (got {args.gamma}, {args.tau}).")
 
@@ -66,25 +76,32 @@ class TwinQ(nn.Module):
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
-def td_target(q1_next, q2_next, reward, done, gamma):
-    """TD3 target y = r + gamma * (1 - done) * min(Q1'(s', a'), Q2'(s', a')) (clipped double Q)."""
-    return reward + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
+def td_target(q1_next, q2_next, reward, done, gamma, reward_scale=1.0):
+    """TD3 target y = c * r + gamma * (1 - done) * min(Q1'(s', a'), Q2'(s', a')) (clipped double Q; c the scale)."""
+    return reward_scale * reward + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
 
 
 class Replay:
-    """Transitions (s, a, r, s', a'_policy, done) in fixed-size arrays, overwritten oldest first."""
+    """Transitions (s, a, r, s', a'_recorded, done) in fixed-size arrays, overwritten oldest first; with
+    `context` = K also the DT's K-step input window at s' (ctx_*), from which the current policy acts there."""
 
-    def __init__(self, obs_dim, act_dim, size):
+    def __init__(self, obs_dim, act_dim, size, context=0):
         self.size, self.n, self.ptr = size, 0, 0
         self.data = dict(s=np.zeros((size, obs_dim), np.float32), a=np.zeros((size, act_dim), np.float32),
                          r=np.zeros(size, np.float32), s2=np.zeros((size, obs_dim), np.float32),
                          a2=np.zeros((size, act_dim), np.float32), done=np.zeros(size, np.float32))
+        if context:
+            K = context
+            self.data.update(ctx_rtg=np.zeros((size, K, 1), np.float32), ctx_states=np.zeros((size, K, obs_dim),
+                             np.float32), ctx_actions=np.zeros((size, K, act_dim), np.float32),
+                             ctx_timesteps=np.zeros((size, K), np.int64), ctx_valid=np.zeros((size, K), bool))
 
     def add(self, **cols):
         k = len(cols["r"])
         idx = (self.ptr + np.arange(k)) % self.size
         for name, v in cols.items():
-            self.data[name][idx] = v
+            if name in self.data:  # a replay without context ignores the ctx_* columns
+                self.data[name][idx] = v
         self.ptr, self.n = (self.ptr + k) % self.size, min(self.n + k, self.size)
 
     def state_dict(self):
@@ -101,31 +118,43 @@ class Replay:
 
 
 def rollout_transitions(out, K):
-    """Transitions of lock-step rollouts. The target action a' is the DT's mean action at s' as recorded during
-    the rollout (the DT needs its context to act, which a replayed s' alone does not give). The last step of a
-    lane is kept only if it terminated (no s' is needed then); a lane cut by the time limit drops it."""
-    states = out["buf"]["states"][:, K - 1 :].cpu().numpy()
-    actions = out["buf"]["actions"][:, K - 1 :].cpu().numpy()
-    cols = {k: [] for k in ("s", "a", "r", "s2", "a2", "done")}
+    """Transitions of lock-step rollouts: a' is the DT's mean action at s' as recorded during the rollout, and
+    ctx_* the K-step window the DT acted from at s' (a replayed s' alone is not enough for the DT to act). The
+    last step of a lane is kept only if it terminated (no s' is needed then); a lane cut by the time limit drops
+    it."""
+    host = {k: v.cpu().numpy() for k, v in out["buf"].items()}
+    states, actions = host["states"][:, K - 1 :], host["actions"][:, K - 1 :]
+    cols = {k: [] for k in ("s", "a", "r", "s2", "a2", "done", *(f"ctx_{k}" for k in host))}
     for b, n in enumerate(out["length"]):
         keep = n if out["terminated"][b] else n - 1
         nxt = np.minimum(np.arange(keep) + 1, n - 1)
         done = np.zeros(keep, np.float32)
         done[n - 1 : keep] = 1.0  # the terminal transition, when kept
+        window = nxt[:, None] + np.arange(K)  # buffer slots of the window that acted at s' (step j: [j, j + K))
         for k, v in zip(cols, (states[b, :keep], actions[b, :keep], out["rewards"][b, :keep], states[b, nxt],
-                               out["mean_action"][b, nxt], done)):
+                               out["mean_action"][b, nxt], done, *(v[b, window] for v in host.values()))):
             cols[k].append(v)
     return {k: np.concatenate(v) for k, v in cols.items()}
 
 
-def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device):
+def target_actions(b, model, mode):
+    """a' of the TD target: recorded at collection, or the current DT's mean action from the stored context."""
+    if mode == "recorded":
+        return b["a2"]
+    mean, _ = model.act_dist({k: b[f"ctx_{k}"] for k in ("rtg", "states", "actions", "timesteps", "valid")})
+    return torch.tanh(mean)
+
+
+def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device, model=None):
     """n_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak-averaged targets."""
     losses = []
     for _ in range(n_updates):
         b = replay.sample(args.critic_batch_size, rng, device)
         with torch.no_grad():
-            noise = (torch.randn_like(b["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-            y = td_target(*critic_targ(b["s2"], (b["a2"] + noise).clamp(-1, 1)), b["r"], b["done"], args.gamma)
+            a2 = target_actions(b, model, args.target_action)
+            noise = (torch.randn_like(a2) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            y = td_target(*critic_targ(b["s2"], (a2 + noise).clamp(-1, 1)), b["r"], b["done"], args.gamma,
+                          args.critic_reward_scale)
         q1, q2 = critic(b["s"], b["a"])
         loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         optimizer.zero_grad()
@@ -153,7 +182,7 @@ def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, 
     tr = rollout_transitions(out, K)
     replay.add(**tr)
     critic_loss = critic_update(critic, critic_targ, critic_opt, replay, int(np.ceil(args.critic_utd * len(tr["r"]))),
-                                args, rng, device)
+                                args, rng, device, model)
     # 2. Active sampling of states over all rollout steps.
     lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
     step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])
@@ -183,14 +212,18 @@ def main(args: Args):
     critic, critic_targ = TwinQ(model.obs_dim, model.act_dim).to(device), TwinQ(model.obs_dim, model.act_dim).to(device)
     critic_targ.load_state_dict(critic.state_dict())
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    replay = Replay(model.obs_dim, model.act_dim, args.buffer_size)
+    replay = Replay(model.obs_dim, model.act_dim, args.buffer_size,
+                    context=model.context_len if args.target_action == "policy" else 0)
     envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_rollouts)]
     run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, replay=replay)  # saved and resumed
     while run.running():
         seed, rng = run.next_iteration()
         batch = collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
                                       run.target_rtg, seed, rng)
-        stats, n_bad = dt_grpo.grpo_update(model, run.optimizer, batch, args)  # steps 5-6, shared with GRPO-DT
+        if run.env_steps + batch["env_steps"] <= args.critic_warmup:  # the critic learns alone at first
+            stats, n_bad = {}, 0
+        else:
+            stats, n_bad = dt_grpo.grpo_update(model, run.optimizer, batch, args)  # steps 5-6, shared with GRPO-DT
         run.end_iteration(batch, stats, n_bad, scalars={"losses/critic_loss": batch["critic_loss"]})
     run.finish(*envs)
 

@@ -695,6 +695,8 @@ def test_td_target_hand_example():
     y = qgrpo.td_target(torch.tensor([10.0, 4.0]), torch.tensor([8.0, 5.0]), torch.tensor([1.0, 2.0]),
                           torch.tensor([0.0, 1.0]), 0.9)
     np.testing.assert_allclose(y.numpy(), [1.0 + 0.9 * 8.0, 2.0])  # min of the twins; no bootstrap when done
+    y = qgrpo.td_target(torch.tensor([10.0]), torch.tensor([8.0]), torch.tensor([3.0]), torch.tensor([0.0]), 0.9, 0.01)
+    np.testing.assert_allclose(y.numpy(), [0.03 + 0.9 * 8.0])  # --critic-reward-scale scales r, not the bootstrap
 
 
 def test_rollout_transitions_terminal_and_time_limit():
@@ -709,6 +711,11 @@ def test_rollout_transitions_terminal_and_time_limit():
     np.testing.assert_array_equal(tr["s2"][:3, 0], [2, 3, 3])  # the terminal step's s2 is never used (done = 1)
     np.testing.assert_array_equal(tr["s2"][3:, 0], [7, 8, 9])
     np.testing.assert_array_equal(tr["r"], [0, 1, 2, 4, 5, 6])
+    # the window the DT acted from at s': K slots ending at s' (buffer slots [j, j + K) for step j)
+    np.testing.assert_array_equal(tr["ctx_states"][:, -1, 0], tr["s2"][:, 0])
+    live = tr["done"] == 0  # (a terminal transition's s' is never used)
+    np.testing.assert_array_equal(tr["ctx_states"][live, 0, 0], tr["s"][live, 0])  # K = 2: the slot before s' is s
+    np.testing.assert_array_equal(tr["ctx_actions"][live, 0, 0], tr["a"][live, 0])
 
 
 def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
@@ -730,6 +737,40 @@ def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
     with torch.no_grad():
         new = dt_grpo.recompute_log_prob(model, b, torch.arange(len(b["adv"])))[0]
     assert (new - b["old_logp"]).abs().max() < 1e-5
+
+
+def test_policy_target_actions_are_the_current_dt_at_the_stored_context(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
+    obs = dt_grpo.reset_envs(envs, [3, 4])
+    out = dt_grpo.run_lanes(model, envs, obs, np.full(2, 3.6), np.zeros(2, np.int64), 1000, np.full(2, 1000), norm,
+                            ck["reward_scale"])
+    replay = qgrpo.Replay(model.obs_dim, model.act_dim, 1000, context=model.context_len)
+    replay.add(**qgrpo.rollout_transitions(out, model.context_len))
+    b = {k: torch.as_tensor(v[: replay.n]) for k, v in replay.data.items()}
+    with torch.no_grad():
+        same = qgrpo.target_actions(b, model, "policy")
+        torch.testing.assert_close(same, b["a2"], atol=1e-5, rtol=0)  # the policy that collected: its recorded a'
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        moved = qgrpo.target_actions(b, model, "policy")
+    assert (moved - b["a2"]).abs().max() > 1e-2  # a changed policy acts differently at the same s'
+    assert qgrpo.target_actions(b, model, "recorded") is b["a2"]
+
+
+def test_critic_warmup_trains_the_critic_alone(black_box_env_id, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pretrain.main(pretrain.Args(env_id=black_box_env_id, dataset_steps=400, num_steps=3, eval_episodes=1, context_len=4,
+                                embed_dim=16, n_layer=1, output="bb.pt", cuda=False))
+    qgrpo.main(qgrpo.Args(env_id=black_box_env_id, checkpoint="bb.pt", num_rollouts=2, group_size=3, num_resets=4,
+                          critic_utd=0.1, critic_batch_size=8, eval_episodes=1, cuda=False, update_epochs=1,
+                          total_env_steps=60, critic_warmup=10**6, target_action="policy", critic_reward_scale=0.1))
+    ck = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
+    pre = torch.load("bb.pt", weights_only=False)
+    assert ck["grad_steps"] == 0 and ck["iteration"] >= 2 and "ctx_states" in ck["replay"]["data"]
+    for k, v in pre["model"].items():
+        torch.testing.assert_close(ck["model"][k], v, rtol=0, atol=0)  # the policy did not move
+    assert any(not torch.equal(ck["critic"][k], ck["critic_targ"][k]) for k in ck["critic"])  # the critic did
 
 
 # ---------------------------------------------------------------------------------------------------
