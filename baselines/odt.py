@@ -79,7 +79,9 @@ class TrajectoryReplay:
 
     def __init__(self, episodes, size):
         order = np.argsort([e["rewards"].sum() for e in episodes], kind="stable")[-size:]
-        self.trajectories, self.size, self.next = [episodes[i] for i in order], size, 0
+        keys = ("observations", "actions", "rewards")  # what the windows need (no qpos/qvel in every checkpoint)
+        self.trajectories = [{k: episodes[i][k] for k in keys} for i in order]
+        self.size, self.next = size, 0
 
     def add(self, trajs):
         for tr in trajs:
