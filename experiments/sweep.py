@@ -126,11 +126,16 @@ def main(argv=None):
     p.add_argument("--cpus-per-trial", type=int, default=1, help="Ray CPUs per trial, also its --torch-threads")
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray: CPUs to use (default: all)")
     p.add_argument("--retries", type=int, default=1, help="times a failed trial is run again")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
     p.add_argument("--workdir", default=ROOT, help="where trials run and runs/, sweeps/ live (default: the repo)")
     p.add_argument("--no-report", action="store_true", help="skip experiments/report.py at the end")
     a = p.parse_args(argv)
     try:
         g = load_grid(a.grid)
+        if a.seeds:
+            if not set(a.seeds) <= set(g["seeds"]):
+                raise GridError(f"--seeds {a.seeds} are not all among the grid's seeds {g['seeds']}")
+            g["seeds"] = a.seeds
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
