@@ -1057,6 +1057,10 @@ def test_sweep_grid_errors_are_one_line(tmp_path):
     (tmp_path / "h.yaml").write_text("name: h\nenv_ids: [Hopper-v4]\nseeds: [1]\ncels: {}\n")
     assert_one_line_error(run("experiments/sweep.py", "h.yaml", cwd=tmp_path, expect=2), "unknown keys", "cels")
     assert_one_line_error(run("experiments/sweep.py", "none.yaml", cwd=tmp_path, expect=2), "not found")
+    (tmp_path / "k.yaml").write_text("name: k\nenv_ids: [Hopper-v4]\nseeds: [1, 2]\n")
+    assert_one_line_error(run("experiments/sweep.py", "k.yaml", "--seeds", "3", cwd=tmp_path, expect=2), "--seeds")
+    (tmp_path / "s.yaml").write_text("name: s\nenv_ids: [Hopper-v4]\nseeds: [1]\nscript: nope.py\n")
+    assert_one_line_error(run("experiments/sweep.py", "s.yaml", cwd=tmp_path, expect=2), "nope.py")
 
 
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
