@@ -80,18 +80,22 @@ def table(groups):
     return "\n".join(rows)
 
 
-def curves(groups, path, title):
+def curves(groups, path, title, log_steps=False):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key, label, div in [(axes[0], "steps", "env steps", 1), (axes[1], "wall", "wall time (min)", 60)]:
         for color, ((_, exp), runs) in zip(colors * 4, groups.items()):
             end = min(r[key][-1] for r in runs)
             grid = np.linspace(0, end, 40) if end > 0 else np.zeros(1)
+            if log_steps and key == "steps" and end > 1:  # points spread evenly on the log axis
+                grid = np.unique(np.concatenate([[0], np.geomspace(min(100, end), end, 40)]))
             ys = np.array([np.interp(grid, r[key], r["score"]) for r in runs])  # (seeds, points)
             stats = np.array([iqm_ci(ys[:, i], reps=300) for i in range(len(grid))])
             ax.plot(grid / div, stats[:, 0], color=color, lw=2, label=f"{exp} ({len(runs)} seeds)")
             ax.fill_between(grid / div, stats[:, 1], stats[:, 2], color=color, alpha=0.2)
-        ax.set_xlabel(label)
+        ax.set_xlabel(label + (" (log scale past 100)" if log_steps and key == "steps" else ""))
+        if log_steps and key == "steps":
+            ax.set_xscale("symlog", linthresh=100)
         ax.set_ylabel("D4RL normalized score (IQM, 95% CI)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -118,6 +122,7 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    help="with --grid: where the sweep ran (runs/ lives there; default: the repo)")
     p.add_argument("--max-env-steps", type=float, default=float("inf"), help="ignore evaluations past this budget")
+    p.add_argument("--log-steps", action="store_true", help="env-step axis in log scale (methods far apart in steps)")
     a = p.parse_args(argv)
     dirs, out = list(a.runs), a.out
     if a.grid:
@@ -144,7 +149,7 @@ def main(argv=None):
     for env in dict.fromkeys(env for env, _ in groups):
         sub = {k: v for k, v in groups.items() if k[0] == env}
         path = f"{out}_{env}.png"
-        curves(sub, path, f"{env}: deterministic evaluation (IQM over seeds, 95% bootstrap CI)")
+        curves(sub, path, f"{env}: deterministic evaluation (IQM over seeds, 95% bootstrap CI)", a.log_steps)
         print(f"wrote {path}")
     print(f"wrote {out}.md")
     return 0
