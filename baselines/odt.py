@@ -113,6 +113,18 @@ def explore(model, envs, norm, scale, online_rtg, seed, generator):
             for b, T in enumerate(out["length"])]
 
 
+def load_offline(args: Args, run):
+    """The offline episodes that fill the replay: --dataset, else the file the checkpoint was pretrained on."""
+    path = args.dataset
+    if path is None:
+        source = str(run.meta.get("data_source", ""))
+        path = source.split(":", 1)[1] if ":" in source else ""
+        if not os.path.isfile(path):
+            raise UserError(f"the checkpoint's pretraining data ({source or 'not recorded'}) is not here; pass the "
+                            "offline file that fills ODT's replay with --dataset PATH.")
+    return pretrain.load_hdf5(path, args.env_id)
+
+
 def main(args: Args):
     run = dt_grpo.Run(args, check=check_args, make_optimizer=lambda m: torch.optim.AdamW(
         m.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay))
@@ -154,18 +166,6 @@ def main(args: Args):
                 f"temp {lam:.3f}")
         run.log_iteration(int(lengths.sum()), args.updates_per_iter, logged, line)
     run.finish(*envs)
-
-
-def load_offline(args: Args, run):
-    """The offline episodes that fill the replay: --dataset, else the file the checkpoint was pretrained on."""
-    path = args.dataset
-    if path is None:
-        source = str(run.meta.get("data_source", ""))
-        path = source.split(":", 1)[1] if ":" in source else ""
-        if not os.path.isfile(path):
-            raise UserError(f"the checkpoint's pretraining data ({source or 'not recorded'}) is not here; pass the "
-                            "offline file that fills ODT's replay with --dataset PATH.")
-    return pretrain.load_hdf5(path, args.env_id)
 
 
 if __name__ == "__main__":
