@@ -76,9 +76,10 @@ class TwinQ(nn.Module):
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
-def td_target(q1_next, q2_next, reward, done, gamma, reward_scale=1.0):
-    """TD3 target y = c * r + gamma * (1 - done) * min(Q1'(s', a'), Q2'(s', a')) (clipped double Q; c the scale)."""
-    return reward_scale * reward + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
+def td_target(q1_next, q2_next, reward, done, gamma, reward_scale=1.0, alive=0.0):
+    """TD3 target y = c (r - alive) + gamma (1 - done) min(Q1'(s', a'), Q2'(s', a')) (clipped double Q; c the scale,
+    alive the healthy reward removed from every step as in GRPO-DT's branch score, so surviving alone is worth 0)."""
+    return reward_scale * (reward - alive) + gamma * (1.0 - done) * torch.min(q1_next, q2_next)
 
 
 class Replay:
@@ -145,7 +146,7 @@ def target_actions(b, model, mode):
     return torch.tanh(mean)
 
 
-def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device, model=None):
+def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, device, model=None, alive=0.0):
     """n_updates TD3 critic steps: smoothed target action, clipped double-Q target, Polyak-averaged targets."""
     losses = []
     for _ in range(n_updates):
@@ -154,7 +155,7 @@ def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, 
             a2 = target_actions(b, model, args.target_action)
             noise = (torch.randn_like(a2) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
             y = td_target(*critic_targ(b["s2"], (a2 + noise).clamp(-1, 1)), b["r"], b["done"], args.gamma,
-                          args.critic_reward_scale)
+                          args.critic_reward_scale, alive)
         q1, q2 = critic(b["s"], b["a"])
         loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         optimizer.zero_grad()
@@ -181,8 +182,9 @@ def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, 
                             np.full(n, dt_grpo.episode_horizon(envs[0])), norm, scale)
     tr = rollout_transitions(out, K)
     replay.add(**tr)
+    alive = float(getattr(envs[0].unwrapped, "_healthy_reward", 0.0)) if args.alive_bonus == "drop" else 0.0
     critic_loss = critic_update(critic, critic_targ, critic_opt, replay, int(np.ceil(args.critic_utd * len(tr["r"]))),
-                                args, rng, device, model)
+                                args, rng, device, model, alive)  # the replay keeps the env's reward; the shift is here
     # 2. Active sampling of states over all rollout steps.
     lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
     step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])

@@ -697,6 +697,9 @@ def test_td_target_hand_example():
     np.testing.assert_allclose(y.numpy(), [1.0 + 0.9 * 8.0, 2.0])  # min of the twins; no bootstrap when done
     y = qgrpo.td_target(torch.tensor([10.0]), torch.tensor([8.0]), torch.tensor([3.0]), torch.tensor([0.0]), 0.9, 0.01)
     np.testing.assert_allclose(y.numpy(), [0.03 + 0.9 * 8.0])  # --critic-reward-scale scales r, not the bootstrap
+    y = qgrpo.td_target(torch.tensor([10.0, 4.0]), torch.tensor([8.0, 5.0]), torch.tensor([3.0, 0.5]),
+                        torch.tensor([0.0, 1.0]), 0.9, 0.01, alive=1.0)
+    np.testing.assert_allclose(y.numpy(), [0.02 + 0.9 * 8.0, -0.005])  # --alive-bonus drop: r - 1 before the scale
 
 
 def test_rollout_transitions_terminal_and_time_limit():
