@@ -2,7 +2,7 @@
 
 A single-file reference implementation, read top to bottom:
   1. Args: every flag of the method, with its role;
-  2. environments and the D4RL normalized score;
+  2. environments, the D4RL normalized score, and the lanes (envs stepped together, on every core if asked);
   3. the stochastic Decision Transformer (tanh-squashed Gaussian head, as in ODT);
   4. lock-step rollouts: many environments step together, one transformer forward per step;
   5. the GRPO-DT math: reset sampling, branch score, group advantage, sequence-level clipped ratio;
@@ -78,6 +78,9 @@ class RunArgs:
     """evaluate every this many iterations (a checkpoint is written after every iteration)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes, from start states drawn afresh at every evaluation"""
+    sim_workers: int = 0
+    """worker processes that step the rollout lanes in parallel (0 = all in this process); the results do not depend
+    on it. Worth it with more cores than --torch-threads uses (benchmarks/throughput.py)"""
 
 
 @dataclass
@@ -223,6 +226,125 @@ def reset_envs(envs, seeds):
 def x_position(envs):
     """The x coordinate (qpos[0]) of each MuJoCo env; NaN where the env hides its simulator."""
     return np.array([e.unwrapped.data.qpos[0] if hasattr(e.unwrapped, "data") else np.nan for e in envs])
+
+
+def lane_op(envs, op, idx, *cols):
+    """One operation on the envs `idx` of a list (row n of each column belongs to env idx[n]); returns a tuple of
+    arrays, one row per env. The simulator has no batched step, so each env is one call."""
+    if op == "step":  # cols: actions -> (obs, reward, terminated)
+        out = [envs[i].unwrapped.step(a) for i, a in zip(idx, cols[0])]
+        return np.stack([o[0] for o in out]), np.array([o[1] for o in out]), np.array([o[2] for o in out])
+    if op == "reset":  # cols: seeds -> (obs,)
+        return (reset_envs([envs[i] for i in idx], cols[0]),)
+    if op == "restore":  # cols: qpos, qvel -> (obs,)
+        for i, qpos, qvel in zip(idx, *cols):
+            envs[i].unwrapped.set_state(qpos, qvel)
+        return (np.stack([envs[i].unwrapped._get_obs() for i in idx]),)
+    if op == "state":  # -> (qpos, qvel)
+        return tuple(np.stack([getattr(envs[i].unwrapped.data, k).copy() for i in idx]) for k in ("qpos", "qvel"))
+    if op == "x":
+        return (x_position([envs[i] for i in idx]),)
+    if op == "render":
+        return (np.stack([envs[i].render() for i in idx]),)
+    raise ValueError(op)
+
+
+def lane_worker(conn, env_id, n, make_kwargs):
+    """A worker process of Lanes: owns n envs and applies lane_op to them until it receives None."""
+    try:
+        envs = [make_env(env_id, **make_kwargs) for _ in range(n)]
+    except UserError as e:
+        conn.send(e)
+        return
+    conn.send(None)
+    while (msg := conn.recv()) is not None:
+        try:
+            conn.send(lane_op(envs, *msg[:2], *msg[2]))
+        except Exception as e:  # noqa: BLE001 -- sent back and raised in the parent
+            conn.send(e)
+    for env in envs:
+        env.close()
+
+
+class Lanes:
+    """n envs of one id that step together: the rollout lanes. With workers <= 1 they live in this process and
+    step one after another; with workers > 1 they are split into contiguous shares, one worker process each, and
+    every operation runs on all shares at the same time (--sim-workers). The same MuJoCo on the same states and
+    actions: the numbers do not depend on the number of workers (tested)."""
+
+    def __init__(self, env_id: str, n: int, workers: int = 0, **make_kwargs):
+        probe = make_env(env_id, **make_kwargs)  # a bad env id fails here, in this process, in one line
+        self.n, self.horizon, self.dt = n, episode_horizon(probe), getattr(probe.unwrapped, "dt", np.nan)
+        self.act_dim = probe.action_space.shape[0]
+        self.healthy_reward = float(getattr(probe.unwrapped, "_healthy_reward", 0.0))
+        self.can_restore = hasattr(probe.unwrapped, "set_state")
+        workers = min(workers, n)
+        if workers <= 1:
+            self.envs, self.pipes = [probe] + [make_env(env_id, **make_kwargs) for _ in range(n - 1)], []
+            return
+        probe.close()
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        self.envs, self.first = None, np.linspace(0, n, workers + 1).astype(int)  # worker w owns [first[w], first[w+1])
+        self.pipes, self.procs = [], []
+        for w in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=lane_worker, args=(child, env_id, int(np.diff(self.first)[w]), make_kwargs),
+                               daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        for err in [pipe.recv() for pipe in self.pipes]:
+            if err is not None:
+                raise err
+
+    def __len__(self):
+        return self.n
+
+    def _do(self, op, idx, *cols):
+        idx = np.asarray(idx, np.int64)
+        if self.envs is not None:
+            return lane_op(self.envs, op, idx, *cols)
+        owner = np.searchsorted(self.first, idx, side="right") - 1
+        workers = np.unique(owner)
+        for w in workers:  # send every share first, then collect: the workers run at the same time
+            sel = owner == w
+            self.pipes[w].send((op, idx[sel] - self.first[w], [np.asarray(c)[sel] for c in cols]))
+        parts = [self.pipes[w].recv() for w in workers]
+        for p in parts:
+            if isinstance(p, Exception):
+                raise p
+        order = np.argsort(np.concatenate([np.flatnonzero(owner == w) for w in workers]), kind="stable")
+        return tuple(np.concatenate(col)[order] for col in zip(*parts))
+
+    def step(self, idx, actions):
+        """obs, reward, terminated of lanes idx after one step with actions (one row each)."""
+        return self._do("step", idx, actions)
+
+    def reset(self, seeds, idx=None):
+        """Reset lanes idx (default 0..len(seeds)-1) with these seeds; their first observations."""
+        return self._do("reset", np.arange(len(seeds)) if idx is None else idx, np.asarray(seeds, np.int64))[0]
+
+    def restore(self, idx, qpos, qvel):
+        """Set the simulator state of lanes idx; their observations there."""
+        return self._do("restore", idx, qpos, qvel)[0]
+
+    def state(self, idx):
+        return self._do("state", idx)
+
+    def x_position(self):
+        return self._do("x", np.arange(self.n))[0]
+
+    def render(self):
+        return self._do("render", [0])[0][0]
+
+    def close(self):
+        for env in self.envs or []:
+            env.close()
+        for pipe, proc in zip(self.pipes, getattr(self, "procs", [])):
+            pipe.send(None)
+            proc.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,19 +499,19 @@ def load_policy(ckpt: dict, device="cpu"):
 # 4. Lock-step rollouts: B lanes (an env + the DT inputs it has seen) step together, one forward per step
 # ---------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale, prefix=None,
-              generator=None, record_state=False, frames=None, cont_temp=0.0, noise_group=None):
-    """Step B lanes in lock-step. Lane b starts at observation first_obs[b], DT timestep t0[b] and return-to-go
-    rtg0[b] (scaled); it samples its first `n_sample` actions from pi and then takes the mean action (or, with
-    cont_temp > 0, tanh(mean + cont_temp * std * z) with one z per step shared by the lanes of the same
-    noise_group[b]: common random numbers). It stops on termination, after max_steps[b] steps, or at the env's
-    time limit (t0 + steps = horizon).
+def run_lanes(model, lanes: Lanes, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale,
+              prefix=None, generator=None, record_state=False, frames=None, cont_temp=0.0, noise_group=None):
+    """Step lanes 0..B-1 of `lanes` in lock-step, B = len(first_obs). Lane b starts at observation first_obs[b], DT
+    timestep t0[b] and return-to-go rtg0[b] (scaled); it samples its first `n_sample` actions from pi and then takes
+    the mean action (or, with cont_temp > 0, tanh(mean + cont_temp * std * z) with one z per step shared by the
+    lanes of the same noise_group[b]: common random numbers). It stops on termination, after max_steps[b] steps, or
+    at the env's time limit (t0 + steps = horizon).
 
     The DT inputs live in buffers of P+S steps per lane, P = K-1: the first P slots are the `prefix` (the context a
     branch inherits from the anchor; padding for a fresh episode), step j sits at slot P+j. The action at step j
     is computed from the window [j, j+K) of that buffer: the update later recomputes it from the same window."""
     device = next(model.parameters()).device
-    B, K, S = len(envs), model.context_len, int(max(max_steps))
+    B, K, S = len(first_obs), model.context_len, int(max(max_steps))  # lanes 0..B-1 of `lanes` run
     P = K - 1
     buf = dict(rtg=torch.zeros(B, P + S, 1, device=device),
                states=torch.zeros(B, P + S, model.obs_dim, device=device),
@@ -407,7 +529,7 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
     obs = np.asarray(first_obs, np.float32).copy()
     rtg = torch.as_tensor(np.asarray(rtg0, np.float32), device=device)
     t0 = np.asarray(t0)
-    limit = np.minimum(np.asarray(max_steps), episode_horizon(envs[0]) - t0)
+    limit = np.minimum(np.asarray(max_steps), lanes.horizon - t0)
     active, length = limit > 0, np.zeros(B, np.int64)
     for j in range(S):
         live = np.flatnonzero(active)  # the lanes still running
@@ -419,8 +541,9 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         buf["timesteps"][idx, P + j] = torch.as_tensor(np.minimum(t0[live] + j, model.max_ep_len - 1), device=device)
         buf["valid"][idx, P + j] = True
         if record_state and active[0]:
-            qpos.append(envs[0].unwrapped.data.qpos.copy())
-            qvel.append(envs[0].unwrapped.data.qvel.copy())
+            q, v = lanes.state([0])
+            qpos.append(q[0])
+            qvel.append(v[0])
         mean, log_std = model.act_dist({k: v[idx, j : j + K] for k, v in buf.items()})  # (n_live, act) each
         if j < n_sample:
             act = sample_action(mean, log_std, generator)
@@ -434,13 +557,11 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
         # one device-to-host copy per step: action taken, mean action, action variance (mean over dims)
         host = torch.cat([act, torch.tanh(mean), (2 * log_std).exp().mean(-1, keepdim=True)], -1).cpu().numpy()
         mean_action[live, j], var[live, j] = host[:, model.act_dim : -1], host[:, -1]
-        r = np.zeros(len(live))
-        for n, b in enumerate(live):  # the simulator has no batched step: one call per lane
-            obs[b], r[n], terminated[b], _, _ = envs[b].unwrapped.step(host[n, : model.act_dim])
-            active[b] = not terminated[b] and j + 1 < limit[b]
+        obs[live], r, terminated[live] = lanes.step(live, host[:, : model.act_dim])  # in parallel with workers
+        active[live] = ~terminated[live] & (j + 1 < limit[live])
         rewards[live, j] = r
         if frames is not None and live[0] == 0:  # --capture-video: lane 0 only
-            frames.append(envs[0].render())
+            frames.append(lanes.render())
         length[live] += 1
         rtg[idx] -= torch.as_tensor(r * reward_scale, dtype=torch.float32, device=device)
     out = dict(buf=buf, rewards=rewards, length=length, logp=logp, var=var, mean_action=mean_action,
@@ -450,18 +571,18 @@ def run_lanes(model, envs, first_obs, rtg0, t0, n_sample, max_steps, norm: Norma
     return out
 
 
-def evaluate(model, envs, norm, reward_scale, eval_rtg, seed, frames=None):
+def evaluate(model, lanes: Lanes, norm, reward_scale, eval_rtg, seed, frames=None):
     """Deterministic evaluation: mean action, RTG starting at eval_rtg, episodes seeded seed, seed+1, ...; all in
     one lock-step batch. Returns per-episode return, length and forward speed (m/s)."""
     was_training = model.training
     model.eval()
-    n = len(envs)
-    obs = reset_envs(envs, [seed + i for i in range(n)])
-    x0 = x_position(envs)
-    out = run_lanes(model, envs, obs, np.full(n, eval_rtg * reward_scale), np.zeros(n, np.int64), 0,
-                    np.full(n, episode_horizon(envs[0])), norm, reward_scale, frames=frames)
+    n = len(lanes)
+    obs = lanes.reset([seed + i for i in range(n)])
+    x0 = lanes.x_position()
+    out = run_lanes(model, lanes, obs, np.full(n, eval_rtg * reward_scale), np.zeros(n, np.int64), 0,
+                    np.full(n, lanes.horizon), norm, reward_scale, frames=frames)
     model.train(was_training)
-    speed = (x_position(envs) - x0) / (out["length"] * getattr(envs[0].unwrapped, "dt", np.nan))
+    speed = (lanes.x_position() - x0) / (out["length"] * lanes.dt)
     return out["rewards"].sum(1), out["length"], speed
 
 
@@ -550,7 +671,8 @@ def relabel_rtg(buf_rtg, prefix_rewards, branch_rewards, reward_scale):
 # ---------------------------------------------------------------------------------------------------
 # 6. One GRPO-DT iteration: steps 1-4 under pi_theta_old (collect_groups), steps 5-6 (grpo_update)
 # ---------------------------------------------------------------------------------------------------
-def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg, reset_seed, rng, l_eval=None):
+def collect_groups(model, anchor_lanes: Lanes, branches: Lanes, args, norm, scale, target_rtg, reset_seed, rng,
+                   l_eval=None):
     """Steps 1-4 of GRPO-DT: anchor rollout, reset states, groups of branches, group advantages. Returns what the
     update needs (the windows exactly as fed, sampled actions, behaviour log-probs, advantages) and diagnostics."""
     K, M, G, L = model.context_len, args.num_resets, args.group_size, args.l_traj
@@ -558,10 +680,10 @@ def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg
     l_eval = args.l_eval if l_eval is None else l_eval
     # 1. Anchor rollout under pi_theta_old (mean or sampled actions, --anchor-policy). RTG tokens start at the
     #    target and fall by each scaled reward: g_{t+1} = g_t - c r_t. Simulator state is recorded at every step.
-    obs0 = reset_envs([anchor_env], [reset_seed])
+    obs0 = anchor_lanes.reset([reset_seed])
     n_sample = model.max_ep_len if args.anchor_policy == "sample" else 0
-    anchor = run_lanes(model, [anchor_env], obs0, [target_rtg * scale], [0], n_sample, [episode_horizon(anchor_env)],
-                       norm, scale, record_state=True)
+    anchor = run_lanes(model, anchor_lanes, obs0, [target_rtg * scale], [0], n_sample, [anchor_lanes.horizon], norm,
+                       scale, record_state=True)
     T = int(anchor["length"][0])
 
     # 2. Reset states (active sampling): t_1..t_M drawn with p(t) ~ sigma_t^2 (or before the fall, or uniformly).
@@ -572,20 +694,16 @@ def collect_groups(model, anchor_env, branch_envs, args, norm, scale, target_rtg
 
     # 3. Groups: restore the simulator state (qpos, qvel) and the DT context (the anchor's last K-1 steps, same RTG
     #    tokens) at each t_k; G branches each: L_traj actions a ~ pi_theta_old, then L_eval continuation actions.
-    envs = branch_envs[: m * G]
-    first_obs = np.zeros((m * G, model.obs_dim), np.float32)
-    for env, t, b in zip(envs, reset_step, range(m * G)):
-        env.unwrapped.set_state(anchor["qpos"][t], anchor["qvel"][t])
-        first_obs[b] = env.unwrapped._get_obs()
+    first_obs = branches.restore(np.arange(m * G), anchor["qpos"][reset_step], anchor["qvel"][reset_step])
     gather = torch.as_tensor(reset_step[:, None] + np.arange(P), device=device)  # anchor slots of t-K+1 .. t-1
     prefix = {k: v[0, gather] for k, v in anchor["buf"].items()}
     rtg_start = anchor["buf"]["rtg"][0, P + reset_step, 0].cpu().numpy()  # the anchor's RTG token at t_k
-    branch = run_lanes(model, envs, first_obs, rtg_start, reset_step, L, np.full(m * G, L + l_eval), norm, scale,
+    branch = run_lanes(model, branches, first_obs, rtg_start, reset_step, L, np.full(m * G, L + l_eval), norm, scale,
                        prefix=prefix, cont_temp=args.continuation_temp, noise_group=np.repeat(np.arange(m), G))
 
     # 4. Group advantage: R_i = sum_t gamma^t (r_t - alive) over the branch's L_traj + L_eval steps;
     #    A_i = (R_i - mean_j R_j) / std_j R_j within the group (--adv-norm); flat groups optionally dropped.
-    alive = float(getattr(anchor_env.unwrapped, "_healthy_reward", 0.0)) if args.alive_bonus == "drop" else 0.0
+    alive = anchor_lanes.healthy_reward if args.alive_bonus == "drop" else 0.0
     R = branch_scores(branch["rewards"], branch["length"], args.score_gamma, alive).reshape(m, G)
     adv = group_advantages(R, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
     keep = torch.as_tensor(np.repeat(R.std(1) > args.min_group_std, G), device=device)
@@ -662,16 +780,16 @@ def main(args: Args):
                         "Use the critic variant instead: python qgrpo.py (QGRPO).")
     probe.close()
     run = Run(args)  # section 8: device, seeds, model (pretrained or resumed), optimizer, writer, evaluation
-    anchor_env = make_env(args.env_id)
-    branch_envs = [make_env(args.env_id) for _ in range(args.num_resets * args.group_size)]
+    anchor = Lanes(args.env_id, 1)
+    branches = Lanes(args.env_id, args.num_resets * args.group_size, args.sim_workers)
     run.begin()  # a new run: evaluate the pretrained DT, first checkpoint
     while run.running():
         reset_seed, rng = run.next_iteration()
-        batch = collect_groups(run.model, anchor_env, branch_envs, args, run.norm, run.scale, run.target_rtg,
+        batch = collect_groups(run.model, anchor, branches, args, run.norm, run.scale, run.target_rtg,
                                reset_seed, rng, l_eval=l_eval_at(args, run.env_steps))  # steps 1-4
         stats, n_bad = grpo_update(run.model, run.optimizer, batch, args)  # steps 5-6
         run.end_iteration(batch, stats, n_bad)  # log, evaluate every --eval-every iterations, checkpoint
-    run.finish(anchor_env, *branch_envs)
+    run.finish(anchor, branches)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -840,8 +958,8 @@ class Run:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=self.run_name, save_code=True)
         self.writer = make_writer(os.path.join("runs", self.run_name), args)
-        self.eval_envs = [make_env(args.env_id, render_mode="rgb_array" if args.capture_video else None)
-                          for _ in range(args.eval_episodes)]
+        self.eval_lanes = Lanes(args.env_id, args.eval_episodes, args.sim_workers,
+                                render_mode="rgb_array" if args.capture_video else None)
         self.t_start = self.t_iter = time.time()
         self.start_steps = self.env_steps
 
@@ -882,14 +1000,14 @@ class Run:
         args = self.args
         frames = [] if args.capture_video else None
         seed = int(np.random.default_rng([args.seed, self.iteration, 2]).integers(2**31 - 1000))  # fresh starts
-        returns, lengths, speed = evaluate(self.model, self.eval_envs, self.norm, self.scale, self.eval_rtg, seed,
+        returns, lengths, speed = evaluate(self.model, self.eval_lanes, self.norm, self.scale, self.eval_rtg, seed,
                                            frames)
         if frames:
             import imageio  # ships with gymnasium[mujoco]; no ffmpeg needed
 
             path = os.path.join("videos", self.run_name, f"iter{self.iteration}.gif")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            imageio.mimsave(path, frames, duration=1000 * self.eval_envs[0].unwrapped.dt)
+            imageio.mimsave(path, frames, duration=1000 * self.eval_lanes.dt)
         self.eval_env_steps += int(lengths.sum())
         score = normalized_score(args.env_id, returns)
         self.evals.append(dict(iteration=self.iteration, env_steps=self.env_steps, wall_s=self.wall(),
@@ -943,9 +1061,9 @@ class Run:
             self.evaluate()
         self.save()  # every iteration: a killed run resumes (--resume) without losing a finished iteration
 
-    def finish(self, *envs):
-        for env in [*envs, *self.eval_envs]:
-            env.close()
+    def finish(self, *lanes):
+        for group in [*lanes, self.eval_lanes]:
+            group.close()
         self.writer.close()
         over = self.env_steps - self.args.total_env_steps
         if over > 0 and self.wall() < 60 * (self.args.max_wall_minutes or float("inf")):

@@ -407,11 +407,11 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
     # Deterministic evaluation of the pretrained model (mean action, eval RTG).
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
     model.eval()
-    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.eval_episodes)]
+    lanes = dt_grpo.Lanes(args.env_id, args.eval_episodes)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError("the pretrained weights are not finite; lower --learning-rate. Nothing was written.")
     norm = dt_grpo.Normalizer(meta["obs_mean"], meta["obs_std"])
-    returns, lengths, _ = dt_grpo.evaluate(model, envs, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
+    returns, lengths, _ = dt_grpo.evaluate(model, lanes, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
     score = dt_grpo.normalized_score(args.env_id, returns)
     print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
@@ -421,8 +421,8 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
                              reward_scale=args.reward_scale, eval_return=float(returns.mean()),
                              temperature=log_temp.exp().item()), output)
     print(f"checkpoint written to {output}")
-    for e in [env, *envs]:
-        e.close()
+    env.close()
+    lanes.close()
     return output
 
 

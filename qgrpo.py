@@ -168,21 +168,21 @@ def critic_update(critic, critic_targ, optimizer, replay, n_updates, args, rng, 
     return torch.stack(losses).mean().item() if losses else float("nan")
 
 
-def collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, norm, scale, target_rtg,
+def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay, args, norm, scale, target_rtg,
                           reset_seed, rng):
     """QGRPO's steps 1-4: rollouts from fresh resets only (never set_state), a critic update on their transitions,
     then at M states drawn by action variance, G candidate actions sampled from pi_theta_old with the same context,
     scored by min(Q1, Q2) and normalised within the group. The batch has dt_grpo's layout with L_traj = 1."""
     K, M, G = model.context_len, args.num_resets, args.group_size
     device = next(model.parameters()).device
-    n = len(envs)
+    n = len(lanes)
     # 1. Rollouts: sampled actions, intended RTG tokens, n episodes in lock-step; their transitions train the critic.
-    obs = dt_grpo.reset_envs(envs, [reset_seed * 100 + i for i in range(n)])
-    out = dt_grpo.run_lanes(model, envs, obs, np.full(n, target_rtg * scale), np.zeros(n, np.int64), model.max_ep_len,
-                            np.full(n, dt_grpo.episode_horizon(envs[0])), norm, scale)
+    obs = lanes.reset([reset_seed * 100 + i for i in range(n)])
+    out = dt_grpo.run_lanes(model, lanes, obs, np.full(n, target_rtg * scale), np.zeros(n, np.int64), model.max_ep_len,
+                            np.full(n, lanes.horizon), norm, scale)
     tr = rollout_transitions(out, K)
     replay.add(**tr)
-    alive = float(getattr(envs[0].unwrapped, "_healthy_reward", 0.0)) if args.alive_bonus == "drop" else 0.0
+    alive = lanes.healthy_reward if args.alive_bonus == "drop" else 0.0
     critic_loss = critic_update(critic, critic_targ, critic_opt, replay, int(np.ceil(args.critic_utd * len(tr["r"]))),
                                 args, rng, device, model, alive)  # the replay keeps the env's reward; the shift is here
     # 2. Active sampling of states over all rollout steps.
@@ -216,18 +216,18 @@ def main(args: Args):
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     replay = Replay(model.obs_dim, model.act_dim, args.buffer_size,
                     context=model.context_len if args.target_action == "policy" else 0)
-    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_rollouts)]
+    lanes = dt_grpo.Lanes(args.env_id, args.num_rollouts, args.sim_workers)
     run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, replay=replay)  # saved and resumed
     while run.running():
         seed, rng = run.next_iteration()
-        batch = collect_critic_groups(model, envs, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
+        batch = collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
                                       run.target_rtg, seed, rng)
         if run.env_steps + batch["env_steps"] <= args.critic_warmup:  # the critic learns alone at first
             stats, n_bad = {}, 0
         else:
             stats, n_bad = dt_grpo.grpo_update(model, run.optimizer, batch, args)  # steps 5-6, shared with GRPO-DT
         run.end_iteration(batch, stats, n_bad, scalars={"losses/critic_loss": batch["critic_loss"]})
-    run.finish(*envs)
+    run.finish(lanes)
 
 
 if __name__ == "__main__":

@@ -369,9 +369,9 @@ def online_args(cls=dt_grpo.Args, **kw):
 def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, relabel, anchor_policy):
     model, norm, ck = load_tiny(tiny_ckpt)
     args = online_args(relabel=relabel, anchor_policy=anchor_policy)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 12)]
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 12)
     torch.manual_seed(0)
-    b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
                                rng=np.random.default_rng(0))
     K, m, G, L = model.context_len, len(b["starts"]), args.group_size, args.l_traj
     reset_step = np.repeat(b["starts"], G)
@@ -407,10 +407,9 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
 
 def test_branch_respects_time_limit_and_continues_timesteps(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    env = dt_grpo.make_env("Hopper-v4")
-    env.reset(seed=0)
+    lanes = dt_grpo.Lanes("Hopper-v4", 1)
     # a stable standing pose: the init state; start at t0 = 997 so only 3 steps are left in the episode
-    out = dt_grpo.run_lanes(model, [env], [env.unwrapped._get_obs()], [3.6], [997], 2, [50], norm, 0.001)
+    out = dt_grpo.run_lanes(model, lanes, lanes.reset([0]), [3.6], [997], 2, [50], norm, 0.001)
     K = model.context_len
     assert out["length"][0] <= 3
     assert out["buf"]["timesteps"][0, K - 1 : K - 1 + out["length"][0]].tolist() == [997, 998, 999][: out["length"][0]]
@@ -419,8 +418,8 @@ def test_branch_respects_time_limit_and_continues_timesteps(tiny_ckpt):
 
 def test_continuation_noise_is_shared_within_a_group_and_zero_temperature_is_the_mean(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(4)]
-    obs = dt_grpo.reset_envs(envs, [3, 3, 3, 3])  # four lanes in the same state; groups {0, 1} and {2, 3}
+    envs = dt_grpo.Lanes("Hopper-v4", 4)
+    obs = envs.reset([3, 3, 3, 3])  # four lanes in the same state; groups {0, 1} and {2, 3}
     steps = np.full(4, 6)
     kw = dict(noise_group=np.array([0, 0, 1, 1]), generator=torch.Generator().manual_seed(0))
     hot = dt_grpo.run_lanes(model, envs, obs, np.full(4, 3.6), np.zeros(4, int), 0, steps, norm, 0.001,
@@ -430,18 +429,40 @@ def test_continuation_noise_is_shared_within_a_group_and_zero_temperature_is_the
     assert torch.equal(a[0], a[1]) and torch.equal(a[2], a[3])  # common random numbers within a group
     assert not torch.allclose(a[0], a[2])  # different noise across groups
     assert not np.allclose(a[0].numpy(), hot["mean_action"][0, :n])  # sampled, not the mean
-    cold = dt_grpo.run_lanes(model, envs, dt_grpo.reset_envs(envs, [3] * 4), np.full(4, 3.6), np.zeros(4, int), 0,
+    cold = dt_grpo.run_lanes(model, envs, envs.reset([3] * 4), np.full(4, 3.6), np.zeros(4, int), 0,
                              steps, norm, 0.001, cont_temp=0.0, **kw)
     n = int(cold["length"].min())
     np.testing.assert_allclose(cold["buf"]["actions"][0, K - 1 : K - 1 + n].numpy(), cold["mean_action"][0, :n])
 
 
+def test_parallel_lanes_give_the_same_numbers_as_lanes_in_this_process(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    args = online_args()
+    batches = []
+    for workers in (0, 3):  # 3 workers own 4 lanes each; restores, steps and resets cross every share
+        anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 12, workers)
+        assert (branches.envs is None) == (workers > 1)
+        torch.manual_seed(0)
+        batches.append(dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0,
+                                              reset_seed=5, rng=np.random.default_rng(0)))
+        obs = branches.reset([7, 8, 9, 10, 11])  # lanes 0..4: across the first two workers
+        batches[-1]["x"], batches[-1]["reset"] = branches.x_position(), obs
+        branches.close()
+    a, b = batches
+    np.testing.assert_array_equal(a["R"], b["R"])
+    np.testing.assert_array_equal(a["branch"]["rewards"], b["branch"]["rewards"])
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(a["reset"], b["reset"])
+    assert torch.equal(a["old_logp"], b["old_logp"]) and torch.equal(a["actions"], b["actions"])
+    assert a["branch"]["terminated"].tolist() == b["branch"]["terminated"].tolist()
+
+
 def test_flat_groups_are_dropped_from_the_update_when_asked(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 3 * 4)]
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
     torch.manual_seed(0)
     args = online_args(min_group_std=1e9)  # every group counts as flat: no gradient step at all
-    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+    batch = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
                                    rng=np.random.default_rng(0))
     assert not batch["keep"].any()
     before = [p.detach().clone() for p in model.parameters()]
@@ -449,27 +470,26 @@ def test_flat_groups_are_dropped_from_the_update_when_asked(tiny_ckpt):
     assert stats == {} and n_bad == 0
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
     args.min_group_std = -1.0  # the default keeps every group
-    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+    batch = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
                                    rng=np.random.default_rng(0))
     assert batch["keep"].all()
 
 
 def test_rollouts_end_at_the_env_time_limit_not_the_model_max_ep_len(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)  # max_ep_len 1000
-    env = dt_grpo.make_env("Hopper-v4", max_episode_steps=30)
-    env.reset(seed=0)
-    out = dt_grpo.run_lanes(model, [env], [env.unwrapped._get_obs()], [3.6], [28], 5, [50], norm, 0.001)
+    lanes = dt_grpo.Lanes("Hopper-v4", 1, max_episode_steps=30)
+    out = dt_grpo.run_lanes(model, lanes, lanes.reset([0]), [3.6], [28], 5, [50], norm, 0.001)
     assert out["length"][0] <= 2  # steps 28 and 29 are the last of a 30-step episode
-    ret, length, speed = dt_grpo.evaluate(model, [env], norm, 0.001, 3600.0, seed=0)
+    ret, length, speed = dt_grpo.evaluate(model, lanes, norm, 0.001, 3600.0, seed=0)
     assert length[0] <= 30 and np.isfinite(speed).all()
 
 
 def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_negative(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(1 + 3 * 4)]
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
     torch.manual_seed(0)
     args = online_args(update_epochs=1, num_minibatches=1, clip_eps=10.0)
-    b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
                                rng=np.random.default_rng(0))
     n = len(b["adv"])
     b["adv"] = torch.tensor([1.0, -1.0] * (n // 2))  # hand-set advantages: even branches good, odd bad
@@ -491,9 +511,9 @@ def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_ne
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    env = dt_grpo.make_env("Hopper-v4")
-    obs = dt_grpo.reset_envs([env], [0])
-    out = dt_grpo.run_lanes(model, [env], obs, [3.6], [0], 5, [20], norm, 0.001)
+    lanes = dt_grpo.Lanes("Hopper-v4", 1)
+    obs = lanes.reset([0])
+    out = dt_grpo.run_lanes(model, lanes, obs, [3.6], [0], 5, [20], norm, 0.001)
     K, n = model.context_len, out["length"][0]
     rtg = out["buf"]["rtg"][0, K - 1 : K - 1 + n, 0].double().numpy()
     spent = np.concatenate([[0], np.cumsum(out["rewards"][0, : n - 1])])
@@ -724,7 +744,7 @@ def test_rollout_transitions_terminal_and_time_limit():
 def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
     args = online_args(qgrpo.Args, num_rollouts=2, critic_utd=0.1, critic_batch_size=16)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
+    envs = dt_grpo.Lanes("Hopper-v4", 2)
     critic = qgrpo.TwinQ(model.obs_dim, model.act_dim)
     targ = qgrpo.TwinQ(model.obs_dim, model.act_dim)
     targ.load_state_dict(critic.state_dict())
@@ -744,8 +764,8 @@ def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
 
 def test_policy_target_actions_are_the_current_dt_at_the_stored_context(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
-    obs = dt_grpo.reset_envs(envs, [3, 4])
+    envs = dt_grpo.Lanes("Hopper-v4", 2)
+    obs = envs.reset([3, 4])
     out = dt_grpo.run_lanes(model, envs, obs, np.full(2, 3.6), np.zeros(2, np.int64), 1000, np.full(2, 1000), norm,
                             ck["reward_scale"])
     replay = qgrpo.Replay(model.obs_dim, model.act_dim, 1000, context=model.context_len)
@@ -869,7 +889,7 @@ def test_smoke_other_envs(env_id, tmp_path):
                                    ["--ratio", "gspo", "--ent-coef", "0.01"],
                                    ["--score-gamma", "0.99", "--alive-bonus", "drop", "--adv-norm", "floor",
                                     "--reset-sampling", "failure", "--continuation-temp", "0.3", "--l-eval-start", "2",
-                                    "--min-group-std", "0"]])
+                                    "--min-group-std", "0", "--sim-workers", "2"]])
 def test_ablation_flags_run(tiny_ckpt, tmp_path, flags):
     p = run("dt_grpo.py", "--checkpoint", tiny_ckpt, "--total-env-steps", "100", *TINY_ONLINE, *flags, cwd=tmp_path)
     assert "done:" in p.stdout
@@ -949,9 +969,9 @@ def test_odt_replay_starts_with_the_best_offline_trajectories_then_replaces_fifo
 
 def test_odt_rollouts_are_relabelled_with_the_return_they_achieved(tiny_ckpt):
     model, norm, _ = load_tiny(tiny_ckpt)
-    envs = [dt_grpo.make_env("Hopper-v4") for _ in range(2)]
+    envs = dt_grpo.Lanes("Hopper-v4", 2)
     trajs = odt.explore(model, envs, norm, 0.001, 7200.0, seed=5, generator=torch.Generator().manual_seed(0))
-    obs0 = dt_grpo.reset_envs(envs[:1], [5])[0]
+    obs0 = envs.reset([5])[0]
     np.testing.assert_allclose(trajs[0]["observations"][0], obs0, atol=1e-5)  # raw observations, not normalised
     assert all(len(t["rewards"]) == len(t["actions"]) == len(t["observations"]) > 0 for t in trajs)
     sampler = pretrain.WindowSampler(trajs[:1], 3, 0.001, norm.mean, norm.std, 1000, seed=0)

@@ -98,13 +98,13 @@ class TrajectoryReplay:
         self.trajectories, self.size, self.next = s["trajectories"], s["size"], s["next"]
 
 
-def explore(model, envs, norm, scale, online_rtg, seed, generator):
-    """ODT's exploration: len(envs) episodes from fresh starts (seeded), every action sampled from pi, the RTG
+def explore(model, lanes, norm, scale, online_rtg, seed, generator):
+    """ODT's exploration: len(lanes) episodes from fresh starts (seeded), every action sampled from pi, the RTG
     starting at online_rtg. Returns the raw episodes (observations, actions, achieved rewards) for the replay."""
-    n = len(envs)
-    obs = dt_grpo.reset_envs(envs, [seed + i for i in range(n)])
-    horizon = np.full(n, dt_grpo.episode_horizon(envs[0]))
-    out = dt_grpo.run_lanes(model, envs, obs, np.full(n, online_rtg * scale), np.zeros(n, np.int64), int(horizon[0]),
+    n = len(lanes)
+    obs = lanes.reset([seed + i for i in range(n)])
+    horizon = np.full(n, lanes.horizon)
+    out = dt_grpo.run_lanes(model, lanes, obs, np.full(n, online_rtg * scale), np.zeros(n, np.int64), int(horizon[0]),
                             horizon, norm, scale, generator=generator)
     P = model.context_len - 1
     states = out["buf"]["states"][:, P:].cpu().numpy() * norm.std + norm.mean  # back to raw observations
@@ -134,11 +134,11 @@ def main(args: Args):
     replay = TrajectoryReplay(load_offline(args, run) if args.resume is None else [], args.replay_size)
     run.begin(entropy_temp=temperature, entropy_temp_opt=temp_optimizer, replay=replay)  # saved and resumed
     online_rtg = args.online_rtg if args.online_rtg is not None else 2 * dt_grpo.default_rtg(args.env_id)
-    envs = [dt_grpo.make_env(args.env_id) for _ in range(args.num_online_rollouts)]
+    lanes = dt_grpo.Lanes(args.env_id, args.num_online_rollouts, args.sim_workers)
     while run.running():
         seed, _ = run.next_iteration()
         # 1. Exploration: rollouts at the online RTG with sampled actions, into the FIFO replay
-        trajs = explore(model, envs, norm, scale, online_rtg, seed, torch.Generator(device).manual_seed(seed))
+        trajs = explore(model, lanes, norm, scale, online_rtg, seed, torch.Generator(device).manual_seed(seed))
         replay.add(trajs)
         # 2. Hindsight relabelling: the sampler recomputes every RTG token from the rewards a trajectory achieved
         #    (not the online RTG it was rolled out at); windows are drawn with probability proportional to length
@@ -165,7 +165,7 @@ def main(args: Args):
         line = (f"rollout {ret.mean():.1f} ({lengths.mean():.0f} steps) nll {nll:.3f} entropy {entropy:.2f} "
                 f"temp {lam:.3f}")
         run.log_iteration(int(lengths.sum()), args.updates_per_iter, logged, line)
-    run.finish(*envs)
+    run.finish(lanes)
 
 
 if __name__ == "__main__":

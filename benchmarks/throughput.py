@@ -25,19 +25,35 @@ import pretrain  # noqa: E402
 ALGO_FLAGS = ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches")  # the ones this benchmark varies
 
 
-def env_only_rate(env_id, n_envs, steps, seed=0):
-    """Random actions through env.unwrapped.step for n_envs envs in lock-step (dead envs are reset): the limit."""
+def serial_gym_rate(env_id, n_envs, steps, seed=0):
+    """Plain gymnasium: env.step (wrappers included) on n_envs envs one after another, random actions."""
     envs = [dt_grpo.make_env(env_id) for _ in range(n_envs)]
     dt_grpo.reset_envs(envs, range(seed, seed + n_envs))
     rng = np.random.default_rng(seed)
-    low, high = envs[0].action_space.low, envs[0].action_space.high
     t = time.perf_counter()
     for _ in range(steps):
-        acts = rng.uniform(low, high, (n_envs, len(low)))
-        for env, a in zip(envs, acts):
-            if env.unwrapped.step(a)[2]:
+        for env, a in zip(envs, rng.uniform(-1, 1, (n_envs, envs[0].action_space.shape[0]))):
+            _, _, term, trunc, _ = env.step(a)
+            if term or trunc:
                 env.reset()
     return n_envs * steps / (time.perf_counter() - t)
+
+
+def env_only_rate(env_id, n_envs, steps, workers, seed=0):
+    """The rollouts' own stepping mechanism (dt_grpo.Lanes, --sim-workers) with random actions instead of the
+    policy; dead lanes are reset. The rollout rate divided by this is the policy's overhead and nothing else."""
+    lanes = dt_grpo.Lanes(env_id, n_envs, workers)
+    lanes.reset(range(seed, seed + n_envs))
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n_envs)
+    t = time.perf_counter()
+    for i in range(steps):
+        _, _, term = lanes.step(idx, rng.uniform(-1, 1, (n_envs, lanes.act_dim)))
+        if term.any():
+            lanes.reset(1000 * (i + 1) + idx[term], idx[term])
+    rate = n_envs * steps / (time.perf_counter() - t)
+    lanes.close()
+    return rate
 
 
 def model_and_norm(env_id, cfg=None):
@@ -52,18 +68,19 @@ def model_and_norm(env_id, cfg=None):
     return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
 
 
-def group_rollout_rate(model, norm, env_id, a, repeats=3):
+def group_rollout_rate(model, norm, env_id, a, workers, repeats=3):
     """run_lanes over M*G lanes from reset states, L_traj sampled + L_eval mean steps: simulated steps per second."""
     B = a.num_resets * a.group_size
-    envs = [dt_grpo.make_env(env_id) for _ in range(B)]
+    envs = dt_grpo.Lanes(env_id, B, workers)
     total, secs = 0, 0.0
     for r in range(repeats):
-        obs = dt_grpo.reset_envs(envs, range(100 * r, 100 * r + B))
+        obs = envs.reset(range(100 * r, 100 * r + B))
         t = time.perf_counter()
         out = dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj,
                                 np.full(B, a.l_traj + a.l_eval), norm, 0.001)
         secs += time.perf_counter() - t
         total += int(out["length"].sum())
+    envs.close()
     return total / secs, total / repeats / B
 
 
@@ -74,8 +91,8 @@ def rollout_profile(model, norm, env_id, a):
     import pstats
 
     B = a.num_resets * a.group_size
-    envs = [dt_grpo.make_env(env_id) for _ in range(B)]
-    obs = dt_grpo.reset_envs(envs, range(B))
+    envs = dt_grpo.Lanes(env_id, B)
+    obs = envs.reset(range(B))
     prof = cProfile.Profile()
     prof.enable()
     dt_grpo.run_lanes(model, envs, obs, np.full(B, 3.6), np.zeros(B, np.int64), a.l_traj,
@@ -90,8 +107,8 @@ def rollout_profile(model, norm, env_id, a):
 
 
 def grpo_update_seconds(model, norm, env_id, a, steps):
-    envs = [dt_grpo.make_env(env_id) for _ in range(1 + a.num_resets * a.group_size)]
-    batch = dt_grpo.collect_groups(model, envs[0], envs[1:], a, norm, 0.001, 3600.0, reset_seed=0,
+    anchor, branches = dt_grpo.Lanes(env_id, 1), dt_grpo.Lanes(env_id, a.num_resets * a.group_size)
+    batch = dt_grpo.collect_groups(model, anchor, branches, a, norm, 0.001, 3600.0, reset_seed=0,
                                    rng=np.random.default_rng(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     run = lambda n: dt_grpo.grpo_update(model, opt, batch, dataclasses.replace(a, update_epochs=n))  # noqa: E731
@@ -124,6 +141,38 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
     return float(np.median(times))
 
 
+def forward_ms(model, B, repeats=20):
+    """Milliseconds of one rollout forward (act_dist on B full windows): the policy's cost per lock-step step."""
+    K = model.context_len
+    win = dict(rtg=torch.randn(B, K, 1), states=torch.randn(B, K, model.obs_dim),
+               actions=torch.rand(B, K, model.act_dim) * 2 - 1, timesteps=torch.zeros(B, K, dtype=torch.long),
+               valid=torch.ones(B, K, dtype=torch.bool))
+    with torch.inference_mode():
+        model.act_dist(win)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            model.act_dist(win)
+    return 1e3 * (time.perf_counter() - t) / repeats
+
+
+def matmul_gflops(n=1024, repeats=10):
+    """Measured fp32 matrix-multiply throughput with torch's threads: the practical peak of this CPU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def pretrain_step_flops(obs_dim, act_dim, cfg, batch):
+    """FLOPs of one pretraining step: the forward's matrix products (linear layers on every token, QK^T and AV on
+    the full 3K x 3K score matrix, the embeddings and the head) times 3 (the backward costs twice the forward)."""
+    d, L, N, K = cfg["embed_dim"], cfg["n_layer"], 3 * cfg["context_len"], cfg["context_len"]
+    per_seq = L * (2 * 12 * d * d * N + 4 * N * N * d) + 2 * d * (1 + obs_dim + act_dim) * K + 2 * d * 2 * act_dim * K
+    return 3 * batch * per_seq
+
+
 def main():
     d = dt_grpo.Args()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,24 +180,34 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="lock-step steps of the env-only measurement")
     p.add_argument("--update-steps", type=int, default=5, help="timed steps per gradient-step measurement")
     p.add_argument("--pretrain-batch", type=int, default=None, help="batch of the pretraining-step measurements")
+    p.add_argument("--workers", default=None, help="comma-separated --sim-workers values to measure (default: 0, "
+                   "then 2, 4, ... up to the number of cores)")
     for k in ALGO_FLAGS:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
     cli = p.parse_args()
     a = dataclasses.replace(d, env_id=cli.env_id, **{k: getattr(cli, k) for k in ALGO_FLAGS})  # dt_grpo's real Args
     B = a.num_resets * a.group_size
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.env_id}; {B} lanes "
+    cores = os.cpu_count() or 1
+    workers = [int(w) for w in cli.workers.split(",")] if cli.workers else [0, *range(2, cores + 1, 2)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; {a.env_id}; {B} lanes "
           f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
-    rows = []
-    env_rate = env_only_rate(a.env_id, B, cli.steps)
-    rows.append(("1. env-only rate (random actions, same number of envs)", f"{env_rate:,.0f} steps/s"))
+    rows = [("1. serial gymnasium: env.step (wrappers included), random actions", 
+             f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s")]
     model, norm, what = model_and_norm(a.env_id)
-    rate, mean_len = group_rollout_rate(model, norm, a.env_id, a)
-    rows.append((f"2. group-rollout rate, policy in the loop ({what}; mean branch length {mean_len:.0f})",
-                 f"{rate:,.0f} steps/s = {rate / env_rate:.2f} x env-only"))
+    for w in workers:
+        env_rate = env_only_rate(a.env_id, B, cli.steps, w)
+        rate, mean_len = group_rollout_rate(model, norm, a.env_id, a, w)
+        rows.append((f"1/2. --sim-workers {w}: env-only (dt_grpo.Lanes, random actions) | group rollouts, policy in "
+                     f"the loop", f"{env_rate:,.0f} | {rate:,.0f} steps/s = {rate / env_rate:.2f} x env-only"))
+    rows.append((f"2a. policy: {what}; mean branch length", f"{mean_len:.0f} steps"))
     total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
-    rows.append(("2b. where a group rollout's time goes (cProfile)", f"forward {100 * fwd / total:.0f}%, simulator "
-                 f"{100 * sim / total:.0f}%, rest (buffers, indexing, Python) "
+    rows.append(("2b. where a group rollout's time goes (cProfile, --sim-workers 0)",
+                 f"forward {100 * fwd / total:.0f}%, simulator {100 * sim / total:.0f}%, rest (buffers, indexing, Python) "
                  f"{100 * (total - fwd - sim) / total:.0f}%"))
+    for K in (model.context_len, 5):
+        small_k, _, _ = model_and_norm(a.env_id, cfg=dict(embed_dim=model.cfg.embed_dim, n_layer=model.cfg.n_layer,
+                                                          n_head=model.cfg.n_head, context_len=K))
+        rows.append((f"2c. one rollout forward, {B} lanes, K {K}", f"{forward_ms(small_k, B):.1f} ms"))
     sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
     rows.append((f"3a. GRPO update step, default model ({shape[0]} branches x {shape[1]} actions / {a.num_minibatches} "
                  "minibatches)", f"{sec:.3f} s"))
@@ -158,10 +217,14 @@ def main():
     sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, cli.pretrain_batch or dp.batch_size, cli.update_steps)
     rows.append((f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
                  f"batch {dp.batch_size})", f"{sec:.3f} s"))
-    odt_cfg = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20)
-    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, cli.pretrain_batch or 64, cli.update_steps)
+    odt_cfg, odt_batch = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20), cli.pretrain_batch or 64
+    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, odt_batch, cli.update_steps)
     rows.append(("3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch 64; ODT: 0.175 s)",
                  f"{sec:.3f} s"))
+    flops, peak = pretrain_step_flops(obs_dim, act_dim, odt_cfg, odt_batch), matmul_gflops()
+    rows.append(("3c'. its FLOP floor: FLOPs / measured fp32 matmul rate (1024^2, same threads)",
+                 f"{flops / 1e9:.1f} GFLOP / {peak:.0f} GFLOP/s = {flops / 1e9 / peak:.3f} s; step = "
+                 f"{sec / (flops / 1e9 / peak):.2f} x floor"))
     small, _, _ = model_and_norm(a.env_id, cfg=odt_cfg)
     sec, _ = grpo_update_seconds(small, norm, a.env_id, a, cli.update_steps)
     rows.append(("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s"))

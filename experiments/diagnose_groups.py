@@ -35,20 +35,20 @@ def main():
     if a.l_eval is not None:
         args.l_eval = a.l_eval
     model, norm = dt_grpo.load_policy(ck)
-    envs = [dt_grpo.make_env(args.env_id) for _ in range(1 + args.num_resets * args.group_size)]
-    u = envs[0].unwrapped
+    anchor, branches = dt_grpo.Lanes(args.env_id, 1), dt_grpo.Lanes(args.env_id, args.num_resets * args.group_size)
+    u = anchor.envs[0].unwrapped
     target = args.target_rtg if args.target_rtg is not None else dt_grpo.default_rtg(args.env_id)
     healthy = float(getattr(u, "_healthy_reward", 0.0))
     parts = {k: [] for k in ("R", "healthy", "forward", "ctrl", "score")}
     rng = np.random.default_rng(a.seed)
     for it in range(a.iterations):
         torch.manual_seed(a.seed + it)
-        b = dt_grpo.collect_groups(model, envs[0], envs[1:], args, norm, ck["reward_scale"], target,
+        b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], target,
                                    reset_seed=a.seed + it, rng=rng)
         m, G = b["R"].shape
         lanes = np.repeat(b["starts"], G)
         x0 = b["anchor"]["qpos"][lanes, 0]
-        x1 = np.array([env.unwrapped.data.qpos[0] for env in envs[1 : 1 + m * G]])
+        x1 = branches.x_position()[: m * G]
         length = b["branch"]["length"].astype(float)
         R = b["branch"]["rewards"].sum(1)
         fwd = (x1 - x0) / u.dt * getattr(u, "_forward_reward_weight", 1.0)
@@ -65,7 +65,7 @@ def main():
         corr = np.mean([np.corrcoef(v[i], R[i])[0, 1] for i in np.flatnonzero(ok)]) if ok.any() else float("nan")
         print(f"{k:>8} {v.mean():9.1f} {v.std(1).mean():17.2f} {corr:14.2f}")
     # the deterministic policy itself: forward speed over evaluation episodes
-    ev = envs[: args.eval_episodes] if len(envs) >= args.eval_episodes else envs
+    ev = dt_grpo.Lanes(args.env_id, args.eval_episodes)
     ret, length, speed = dt_grpo.evaluate(model, ev, norm, ck["reward_scale"], args.eval_rtg or target, seed=777)
     print(f"evaluation ({len(ev)} episodes): return {ret.mean():.1f}, length {length.mean():.0f}, "
           f"mean forward speed {speed.mean():.3f} m/s")
