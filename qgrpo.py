@@ -173,7 +173,7 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
     """QGRPO's steps 1-4: rollouts from fresh resets only (never set_state), a critic update on their transitions,
     then at M states drawn by action variance, G candidate actions sampled from pi_theta_old with the same context,
     scored by min(Q1, Q2) and normalised within the group. The batch has dt_grpo's layout with L_traj = 1."""
-    K, M, G = model.context_len, args.num_resets, args.group_size
+    K, M, G = model.input_steps, args.num_resets, args.group_size
     device = next(model.parameters()).device
     n = len(lanes)
     # 1. Rollouts: sampled actions, intended RTG tokens, n episodes in lock-step; their transitions train the critic.
@@ -191,15 +191,16 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
     var = np.concatenate([out["var"][b, :n_b] for b, n_b in enumerate(out["length"])])
     pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng)  # ("failure" acts as "variance" here)
     lane, step = np.repeat(lane_of[pick], G), np.repeat(step_of[pick], G)
-    # 3. Candidates: the window that acted at (lane, step), G samples from its distribution.
+    # 3. Candidates: the inputs that acted at (lane, step), G samples from its distribution.
     gather = torch.as_tensor(step[:, None] + np.arange(K), device=device)
-    win = {k: v[torch.as_tensor(lane, device=device)[:, None], gather].clone() for k, v in out["buf"].items()}
+    ctx = {k: v[torch.as_tensor(lane, device=device)[:, None], gather] for k, v in out["buf"].items()}
+    win = dt_grpo.action_inputs(model, ctx, 1)  # dt_grpo's layout of one action per row
     with torch.no_grad():
-        mean, log_std = model.act_dist(win)
+        mean, log_std = model.act_dist(ctx)
         cand = dt_grpo.sample_action(mean, log_std)
         old_logp = dt_grpo.log_prob(mean, log_std, cand)
         # 4. Group advantage from the critic: A_i = normalised min(Q1, Q2)(s, a_i) within each state's group.
-        q = torch.min(*critic(win["states"][:, -1], cand)).reshape(-1, G).cpu().numpy()
+        q = torch.min(*critic(ctx["states"][:, -1], cand)).reshape(-1, G).cpu().numpy()
     adv = dt_grpo.group_advantages(q, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
     keep = torch.as_tensor(np.repeat(q.std(1) > args.min_group_std, G), device=device)
     return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device),
@@ -215,7 +216,7 @@ def main(args: Args):
     critic_targ.load_state_dict(critic.state_dict())
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     replay = Replay(model.obs_dim, model.act_dim, args.buffer_size,
-                    context=model.context_len if args.target_action == "policy" else 0)
+                    context=model.input_steps if args.target_action == "policy" else 0)
     lanes = dt_grpo.Lanes(args.env_id, args.num_rollouts, args.sim_workers)
     run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, replay=replay)  # saved and resumed
     while run.running():

@@ -379,7 +379,7 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
     # restore reproduces the anchor's observation, and the branch's first window equals the anchor's window
     np.testing.assert_allclose(norm.obs(b["first_obs"]), anchor_states.numpy(), atol=1e-6)
     for k in ("states", "actions", "timesteps", "valid"):
-        first = b["win"][k].view(m * G, L, *b["win"][k].shape[1:])[:, 0, :-1]  # window of each branch's 1st action
+        first = b["win"][k][:, 0, :-1]  # window of each branch's 1st action
         anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(reset_step[:, None] + np.arange(K - 1))]
         assert torch.equal(first, anchor_win), k
     assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(reset_step))

@@ -106,7 +106,7 @@ def explore(model, lanes, norm, scale, online_rtg, seed, generator):
     horizon = np.full(n, lanes.horizon)
     out = dt_grpo.run_lanes(model, lanes, obs, np.full(n, online_rtg * scale), np.zeros(n, np.int64), int(horizon[0]),
                             horizon, norm, scale, generator=generator)
-    P = model.context_len - 1
+    P = model.input_steps - 1
     states = out["buf"]["states"][:, P:].cpu().numpy() * norm.std + norm.mean  # back to raw observations
     actions = out["buf"]["actions"][:, P:].cpu().numpy()
     return [dict(observations=states[b, :T], actions=actions[b, :T], rewards=out["rewards"][b, :T])
@@ -142,7 +142,7 @@ def main(args: Args):
         replay.add(trajs)
         # 2. Hindsight relabelling: the sampler recomputes every RTG token from the rewards a trajectory achieved
         #    (not the online RTG it was rolled out at); windows are drawn with probability proportional to length
-        sampler = pretrain.WindowSampler(replay.trajectories, model.context_len, scale, norm.mean, norm.std,
+        sampler = pretrain.WindowSampler(replay.trajectories, model.input_steps, scale, norm.mean, norm.std,
                                          model.max_ep_len, seed)
         # 3. Gradient steps of ODT's objective: NLL - lambda * H, lambda tuned to the target entropy -act_dim
         model.train()  # dropout, as in pretraining
