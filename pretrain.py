@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import h5py
 import numpy as np
@@ -45,6 +45,9 @@ class Args:
     """checkpoint path; default `checkpoints/<env-id>__<dataset>.pt`"""
     context_len: int = 10
     """K: steps of context the DT sees (ODT: 20; 10 halves the cost of every rollout step on a CPU)"""
+    attention: Literal["window", "band"] = "window"
+    """window: DT's K-step windows; band: sliding-window attention (each token sees the 3K-1 before it, in every
+    layer), trained on windows of n_layer * K + 1 steps, so that rollouts can use an exact KV cache (README)"""
     embed_dim: int = 128
     """transformer width"""
     n_layer: int = 3
@@ -331,14 +334,16 @@ def main(args: Args):
     print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} "
           f"(max {ep_ret.max():.1f})")
     with np.errstate(over="ignore"):
-        sampler = WindowSampler(eps, args.context_len, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
+        steps = args.n_layer * args.context_len + 1 if args.attention == "band" else args.context_len
+        sampler = WindowSampler(eps, steps, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
     if not np.isfinite(sampler.rtg).all():
         raise UserError(f"--reward-scale {args.reward_scale} makes the returns-to-go overflow; use a scale near "
                         "1/(a typical return), e.g. 0.001.")
 
     cfg = dt_grpo.ModelConfig(obs_dim=all_obs.shape[1], act_dim=eps[0]["actions"].shape[1], embed_dim=args.embed_dim,
                               n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len,
-                              max_ep_len=args.max_ep_len, dropout=args.dropout, time_embed=args.time_embed)
+                              max_ep_len=args.max_ep_len, dropout=args.dropout, time_embed=args.time_embed,
+                              attention=args.attention)
     model = dt_grpo.DecisionTransformer(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))

@@ -42,9 +42,10 @@ def assert_one_line_error(p, *words):
         assert w in lines[0], lines[0]
 
 
-def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0):
+def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0, attention="window"):
     torch.manual_seed(seed)
-    cfg = dt_grpo.ModelConfig(obs_dim, act_dim, embed_dim=32, n_layer=2, n_head=2, context_len=K, dropout=0.0)
+    cfg = dt_grpo.ModelConfig(obs_dim, act_dim, embed_dim=32, n_layer=2, n_head=2, context_len=K, dropout=0.0,
+                              attention=attention)
     return dt_grpo.DecisionTransformer(cfg).eval()
 
 
@@ -55,6 +56,21 @@ def tiny_ckpt(tmp_path_factory):
     args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(d / "data"), output=str(d / "tiny.pt"),
                          context_len=5, embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
                          eval_episodes=2, log_every=10, cuda=False)
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        return pretrain.main(args)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def band_ckpt(tmp_path_factory):
+    """The same, with band attention (K 3, 2 layers: actions need 7 steps of input)."""
+    d = tmp_path_factory.mktemp("band")
+    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(d / "data"), output=str(d / "band.pt"),
+                         context_len=3, embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
+                         eval_episodes=2, log_every=10, cuda=False, attention="band")
     cwd = os.getcwd()
     os.chdir(d)
     try:
@@ -110,6 +126,46 @@ def test_last_only_equals_full_output():
     mean, log_std = model(**x)
     lmean, llog_std = model(**x, last_only=True)
     assert torch.allclose(lmean, mean[:, -1], atol=1e-6) and torch.allclose(llog_std, log_std[:, -1], atol=1e-6)
+
+
+def test_band_attention_sees_exactly_its_receptive_field():
+    """Band model, K 3, 2 layers: each token sees itself and the 8 tokens before it per layer, so s_t depends on
+    steps t-5..t (R_{t-5} is 16 tokens back) and not on step t-6; a window model would see all 12 steps."""
+    model, x = tiny_model(K=3, attention="band"), rand_inputs(T=12)
+    assert model.input_steps == 7
+    mean, _ = model(**x)
+    t = 11
+    far, near = ({k: v.clone() for k, v in x.items()} for _ in range(2))
+    far["states"][:, t - 6] += 5.0
+    far["actions"][:, t - 6] *= -1
+    far["rtg"][:, t - 6] -= 3.0
+    near["rtg"][:, t - 5] -= 3.0
+    assert torch.allclose(model(**far)[0][:, t], mean[:, t], atol=1e-6)
+    assert not torch.allclose(model(**near)[0][:, t], mean[:, t], atol=1e-4)
+    assert torch.allclose(model(**{k: v[:, t - 6 :] for k, v in x.items()}, last_only=True)[0], mean[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("time_embed", [False, True])
+def test_band_kv_cache_equals_the_full_forward(time_embed):
+    """A cache built from P = input_steps - 1 steps, then one step_cached per step, gives the full forward's
+    distribution at every later step (with left padding at the start, as a fresh episode has)."""
+    torch.manual_seed(0)
+    model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(11, 3, embed_dim=32, n_layer=2, n_head=2, context_len=3,
+                                                            dropout=0.0, time_embed=time_embed,
+                                                            attention="band")).eval()
+    x = rand_inputs(B=3, T=20)
+    x["valid"][:, :4] = False  # lane padding, as run_lanes' prefix of a fresh episode
+    P = model.input_steps - 1
+    mean, log_std = model(**x)
+    cache = model.cache_from({k: v[:, :P] for k, v in x.items()})
+    for s in range(P, 20):
+        m, ls = model.step_cached(cache, x["actions"][:, s - 1], x["timesteps"][:, s - 1], x["valid"][:, s - 1],
+                                  x["rtg"][:, s], x["states"][:, s], x["timesteps"][:, s])
+        torch.testing.assert_close(m, mean[:, s], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ls, log_std[:, s], atol=1e-5, rtol=0)
+    n = 5  # the update's path: outputs at the last n state tokens of one sequence
+    last_mean, _ = model(**x, last=n)
+    torch.testing.assert_close(last_mean, mean[:, -n:], atol=1e-5, rtol=0)
 
 
 def test_time_embed_flag_controls_timestep_dependence():
@@ -365,21 +421,23 @@ def online_args(cls=dt_grpo.Args, **kw):
     return cls(**base)
 
 
-@pytest.mark.parametrize("relabel,anchor_policy", [(False, "sample"), (True, "sample"), (False, "mean")])
-def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, relabel, anchor_policy):
-    model, norm, ck = load_tiny(tiny_ckpt)
+@pytest.mark.parametrize("relabel,anchor_policy,ckpt", [(False, "sample", "tiny_ckpt"), (True, "sample", "tiny_ckpt"),
+                                                        (False, "mean", "tiny_ckpt"), (False, "sample", "band_ckpt"),
+                                                        (True, "mean", "band_ckpt")])
+def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(request, relabel, anchor_policy, ckpt):
+    model, norm, ck = load_tiny(request.getfixturevalue(ckpt))
     args = online_args(relabel=relabel, anchor_policy=anchor_policy)
     anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 12)
     torch.manual_seed(0)
     b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
                                rng=np.random.default_rng(0))
-    K, m, G, L = model.context_len, len(b["starts"]), args.group_size, args.l_traj
+    K, m, G, L = model.input_steps, len(b["starts"]), args.group_size, args.l_traj
     reset_step = np.repeat(b["starts"], G)
     anchor_states = b["anchor"]["buf"]["states"][0, K - 1 + reset_step]
     # restore reproduces the anchor's observation, and the branch's first window equals the anchor's window
     np.testing.assert_allclose(norm.obs(b["first_obs"]), anchor_states.numpy(), atol=1e-6)
     for k in ("states", "actions", "timesteps", "valid"):
-        first = b["win"][k][:, 0, :-1]  # window of each branch's 1st action
+        first = b["branch"]["buf"][k][:, : K - 1]  # the context each branch starts from
         anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(reset_step[:, None] + np.arange(K - 1))]
         assert torch.equal(first, anchor_win), k
     assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(reset_step))
@@ -391,8 +449,8 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(tiny_ckpt, 
     diff = ((new_logp - b["old_logp"]) * b["mask"]).abs().max().item()
     if relabel:
         assert diff > 1e-3
-    else:
-        assert diff < 1e-5
+    else:  # band: the rollout's cache and the update's one forward per branch round differently (float32, ~3e-7
+        assert diff < (1e-4 if model.band else 1e-5)  # in the mean action), and log pi amplifies it by 1/std^2
     assert b["adv"].shape == (m * G,) and torch.isfinite(b["adv"]).all()
     # the default branch score: discounted, Hopper's healthy reward (1 per step) removed, only the steps lived
     r, n = b["branch"]["rewards"], b["branch"]["length"]
@@ -741,8 +799,9 @@ def test_rollout_transitions_terminal_and_time_limit():
     np.testing.assert_array_equal(tr["ctx_actions"][live, 0, 0], tr["a"][live, 0])
 
 
-def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
-    model, norm, ck = load_tiny(tiny_ckpt)
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "band_ckpt"])
+def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(request, ckpt):
+    model, norm, ck = load_tiny(request.getfixturevalue(ckpt))
     args = online_args(qgrpo.Args, num_rollouts=2, critic_utd=0.1, critic_batch_size=16)
     envs = dt_grpo.Lanes("Hopper-v4", 2)
     critic = qgrpo.TwinQ(model.obs_dim, model.act_dim)
@@ -762,14 +821,15 @@ def test_critic_groups_rank_by_q_and_first_epoch_ratio_is_one(tiny_ckpt):
     assert (new - b["old_logp"]).abs().max() < 1e-5
 
 
-def test_policy_target_actions_are_the_current_dt_at_the_stored_context(tiny_ckpt):
-    model, norm, ck = load_tiny(tiny_ckpt)
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "band_ckpt"])
+def test_policy_target_actions_are_the_current_dt_at_the_stored_context(request, ckpt):
+    model, norm, ck = load_tiny(request.getfixturevalue(ckpt))
     envs = dt_grpo.Lanes("Hopper-v4", 2)
     obs = envs.reset([3, 4])
     out = dt_grpo.run_lanes(model, envs, obs, np.full(2, 3.6), np.zeros(2, np.int64), 1000, np.full(2, 1000), norm,
                             ck["reward_scale"])
-    replay = qgrpo.Replay(model.obs_dim, model.act_dim, 1000, context=model.context_len)
-    replay.add(**qgrpo.rollout_transitions(out, model.context_len))
+    replay = qgrpo.Replay(model.obs_dim, model.act_dim, 1000, context=model.input_steps)
+    replay.add(**qgrpo.rollout_transitions(out, model.input_steps))
     b = {k: torch.as_tensor(v[: replay.n]) for k, v in replay.data.items()}
     with torch.no_grad():
         same = qgrpo.target_actions(b, model, "policy")
