@@ -1,12 +1,14 @@
-"""Throughput of GRPO-DT on this machine, in one run: env-only rate, group-rollout rate with the policy in the
-loop (dt_grpo.py's own run_lanes), seconds per GRPO update step and per pretraining step (default sizes and
-ODT's small size), and peak RSS.
+"""Throughput of GRPO-DT on this machine, in one run: the serial gymnasium rate; the env-only rate of the rollouts'
+own stepping mechanism (dt_grpo.Lanes) per --sim-workers count; the group-rollout rate with the policy in the loop
+(dt_grpo.py's own run_lanes) for a window-attention and a band-attention (KV cache) policy, with the ratio to the
+env-only rate of the same mechanism and a cProfile split; the policy forward per step; seconds per GRPO update step
+and per pretraining step (default sizes and ODT's small size) against the FLOP floor; peak RSS.
 
     python benchmarks/throughput.py                      # default sizes of dt_grpo.py / pretrain.py
-    python benchmarks/throughput.py --env-id Walker2d-v4 --steps 200
+    python benchmarks/throughput.py --env-id Walker2d-v4 --steps 200 --workers 0,4,8
 
-Uses checkpoints/<env>__random.pt when present (a realistic policy: lanes live as long as it keeps the robot
-up); otherwise a freshly initialised DT of the default size."""
+Uses checkpoints/<env>__random.pt and checkpoints/<env>__random__band.pt when present (realistic policies: lanes
+live as long as they keep the robot up); otherwise freshly initialised DTs of the default size."""
 
 import argparse
 import dataclasses
@@ -56,13 +58,15 @@ def env_only_rate(env_id, n_envs, steps, workers, seed=0):
     return rate
 
 
-def model_and_norm(env_id, cfg=None):
-    path = dt_grpo.default_checkpoint(env_id)
+def model_and_norm(env_id, cfg=None, path=None):
+    """The pretrained policy at `path` (default checkpoints/<env>__random.pt) if it exists, else a freshly
+    initialised DT of pretrain.py's default size (with the overrides in cfg)."""
+    path = path or dt_grpo.default_checkpoint(env_id)
     if cfg is None and os.path.isfile(path):
         return (*dt_grpo.load_policy(dt_grpo.load_checkpoint(path, env_id)), f"checkpoint {path}")
     env = dt_grpo.make_env(env_id)
     d = pretrain.Args()
-    cfg = cfg or dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len)
+    cfg = dict(dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len), **(cfg or {}))
     model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
                                                             dropout=0.0, time_embed=d.time_embed, **cfg))
     return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
@@ -99,9 +103,11 @@ def rollout_profile(model, norm, env_id, a):
                       np.full(B, a.l_traj + a.l_eval), norm, 0.001)
     prof.disable()
     st = pstats.Stats(prof).stats  # key (file, line, name) -> (cc, nc, tottime, cumtime, callers)
-    fwd_line = inspect.getsourcelines(dt_grpo.DecisionTransformer.forward)[1]
+    policy = {(f.__name__, inspect.getsourcelines(f)[1]) for f in (dt_grpo.DecisionTransformer.forward,
+                                                                  dt_grpo.DecisionTransformer.step_cached,
+                                                                  dt_grpo.DecisionTransformer.cache_from)}
     total = max(v[3] for k, v in st.items() if k[2] == "run_lanes")
-    fwd = sum(v[3] for k, v in st.items() if k[2] == "forward" and k[1] == fwd_line and k[0].endswith("dt_grpo.py"))
+    fwd = sum(v[3] for k, v in st.items() if (k[2], k[1]) in policy and k[0].endswith("dt_grpo.py"))
     sim = sum(v[3] for k, v in st.items() if k[2] == "step" and "envs/mujoco" in k[0])
     return total, fwd, sim
 
@@ -142,16 +148,23 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
 
 
 def forward_ms(model, B, repeats=20):
-    """Milliseconds of one rollout forward (act_dist on B full windows): the policy's cost per lock-step step."""
-    K = model.context_len
+    """Milliseconds of the policy's forward for one lock-step step of B lanes: act_dist on B windows (window
+    models) or step_cached on B lanes (band models, the KV cache run_lanes uses)."""
+    K = model.input_steps
     win = dict(rtg=torch.randn(B, K, 1), states=torch.randn(B, K, model.obs_dim),
                actions=torch.rand(B, K, model.act_dim) * 2 - 1, timesteps=torch.zeros(B, K, dtype=torch.long),
                valid=torch.ones(B, K, dtype=torch.bool))
     with torch.inference_mode():
-        model.act_dist(win)
+        if model.band:
+            cache = model.cache_from({k: v[:, :-1] for k, v in win.items()})
+            step = lambda: model.step_cached(cache, *(win[k][:, -2] for k in ("actions", "timesteps", "valid")),  # noqa
+                                             *(win[k][:, -1] for k in ("rtg", "states", "timesteps")))
+        else:
+            step = lambda: model.act_dist(win)  # noqa: E731
+        step()
         t = time.perf_counter()
         for _ in range(repeats):
-            model.act_dist(win)
+            step()
     return 1e3 * (time.perf_counter() - t) / repeats
 
 
@@ -180,6 +193,8 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="lock-step steps of the env-only measurement")
     p.add_argument("--update-steps", type=int, default=5, help="timed steps per gradient-step measurement")
     p.add_argument("--pretrain-batch", type=int, default=None, help="batch of the pretraining-step measurements")
+    p.add_argument("--band-checkpoint", default=None, help="a band-attention checkpoint (default "
+                   "checkpoints/<env>__random__band.pt if present, else a fresh band model)")
     p.add_argument("--workers", default=None, help="comma-separated --sim-workers values to measure (default: 0, "
                    "then 2, 4, ... up to the number of cores)")
     for k in ALGO_FLAGS:
@@ -191,26 +206,37 @@ def main():
     workers = [int(w) for w in cli.workers.split(",")] if cli.workers else [0, *range(2, cores + 1, 2)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; {a.env_id}; {B} lanes "
           f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
-    rows = [("1. serial gymnasium: env.step (wrappers included), random actions", 
+    rows = [("1. serial gymnasium: env.step (wrappers included), random actions",
              f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s")]
-    model, norm, what = model_and_norm(a.env_id)
-    for w in workers:
-        env_rate = env_only_rate(a.env_id, B, cli.steps, w)
-        rate, mean_len = group_rollout_rate(model, norm, a.env_id, a, w)
-        rows.append((f"1/2. --sim-workers {w}: env-only (dt_grpo.Lanes, random actions) | group rollouts, policy in "
-                     f"the loop", f"{env_rate:,.0f} | {rate:,.0f} steps/s = {rate / env_rate:.2f} x env-only"))
-    rows.append((f"2a. policy: {what}; mean branch length", f"{mean_len:.0f} steps"))
-    total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
-    rows.append(("2b. where a group rollout's time goes (cProfile, --sim-workers 0)",
-                 f"forward {100 * fwd / total:.0f}%, simulator {100 * sim / total:.0f}%, rest (buffers, indexing, Python) "
-                 f"{100 * (total - fwd - sim) / total:.0f}%"))
-    for K in (model.context_len, 5):
-        small_k, _, _ = model_and_norm(a.env_id, cfg=dict(embed_dim=model.cfg.embed_dim, n_layer=model.cfg.n_layer,
-                                                          n_head=model.cfg.n_head, context_len=K))
-        rows.append((f"2c. one rollout forward, {B} lanes, K {K}", f"{forward_ms(small_k, B):.1f} ms"))
-    sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
-    rows.append((f"3a. GRPO update step, default model ({shape[0]} branches x {shape[1]} actions / {a.num_minibatches} "
-                 "minibatches)", f"{sec:.3f} s"))
+    env_rate = {w: env_only_rate(a.env_id, B, cli.steps, w) for w in workers}
+    rows += [(f"1. env-only: dt_grpo.Lanes, random actions, --sim-workers {w}", f"{env_rate[w]:,.0f} steps/s")
+             for w in workers]
+    band_path = cli.band_checkpoint or dt_grpo.default_checkpoint(a.env_id).replace(".pt", "__band.pt")
+    policies = dict(window=model_and_norm(a.env_id), band=model_and_norm(a.env_id, path=band_path))
+    if policies["band"][2] == "fresh model":
+        policies["band"] = model_and_norm(a.env_id, cfg=dict(attention="band"))
+    for kind, (model, norm, what) in policies.items():
+        for w in workers:
+            rate, mean_len = group_rollout_rate(model, norm, a.env_id, a, w)
+            rows.append((f"2. group rollouts, {kind} policy, --sim-workers {w}",
+                         f"{rate:,.0f} steps/s = {rate / env_rate[w]:.2f} x env-only"))
+        rows.append((f"2a. {kind} policy: {what}; mean branch length", f"{mean_len:.0f} steps"))
+        total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
+        rows.append((f"2b. where a group rollout's time goes ({kind}; cProfile, --sim-workers 0)",
+                     f"forward {100 * fwd / total:.0f}%, simulator {100 * sim / total:.0f}%, rest (buffers, "
+                     f"indexing, Python) {100 * (total - fwd - sim) / total:.0f}%"))
+    model, norm, _ = policies["window"]
+    size = dict(embed_dim=model.cfg.embed_dim, n_layer=model.cfg.n_layer, n_head=model.cfg.n_head)
+    for label, cfg in ((f"window K {model.context_len}", dict(context_len=model.context_len)),
+                       ("window K 5", dict(context_len=5)),
+                       (f"band K {model.context_len}, KV cache", dict(context_len=model.context_len, attention="band"))):
+        rows.append((f"2c. policy forward per lock-step step, {B} lanes, {label}",
+                     f"{forward_ms(model_and_norm(a.env_id, cfg=dict(size, **cfg))[0], B):.2f} ms"))
+    for kind, (model, norm, _) in policies.items():
+        sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
+        rows.append((f"3a. GRPO update step, {kind} policy ({shape[0]} branches x {shape[1]} actions / "
+                     f"{a.num_minibatches} minibatches)", f"{sec:.3f} s"))
+    model, norm, _ = policies["window"]
     dp = pretrain.Args()
     obs_dim, act_dim = model.obs_dim, model.act_dim
     default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
