@@ -11,6 +11,7 @@ Uses checkpoints/<env>__random.pt and checkpoints/<env>__random__band.pt when pr
 live as long as they keep the robot up); otherwise freshly initialised DTs of the default size."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import resource
@@ -124,7 +125,9 @@ def grpo_update_seconds(model, norm, env_id, a, steps):
     return (time.perf_counter() - t) / max(len(stats.get("policy_loss", [])), 1), batch["actions"].shape
 
 
-def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
+def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps, split=False):
+    """Median seconds of one pretraining step (forward, backward, clip, AdamW); with split, also the shares of the
+    step's CPU time in matrix products and in dropout's random masks (torch.profiler over the timed steps)."""
     torch.manual_seed(0)
     model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -133,7 +136,10 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
              actions=torch.rand(batch_size, K, act_dim) * 2 - 1, timesteps=torch.randint(0, 1000, (batch_size, K)),
              valid=torch.ones(batch_size, K, dtype=torch.bool))
     times = []
+    prof = torch.profiler.profile() if split else contextlib.nullcontext()
     for i in range(steps + 3):
+        if i == 3:
+            prof.__enter__()
         t = time.perf_counter()
         mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
         nll = -dt_grpo.log_prob(mean, log_std, b["actions"]).mean()
@@ -144,7 +150,13 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps):
         opt.step()
         if i >= 3:
             times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    prof.__exit__(None, None, None)
+    if not split:
+        return float(np.median(times))
+    self_time = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_time.values())
+    share = lambda *ops: sum(self_time.get(op, 0) for op in ops) / total  # noqa: E731
+    return float(np.median(times)), share("aten::mm", "aten::addmm", "aten::bmm"), share("aten::bernoulli_")
 
 
 def forward_ms(model, B, repeats=20):
@@ -242,11 +254,13 @@ def main():
     default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
     sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, cli.pretrain_batch or dp.batch_size, cli.update_steps)
     rows.append((f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
-                 f"batch {dp.batch_size})", f"{sec:.3f} s"))
+                 f"batch {cli.pretrain_batch or dp.batch_size})", f"{sec:.3f} s"))
     odt_cfg, odt_batch = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20), cli.pretrain_batch or 64
-    sec = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, odt_batch, cli.update_steps)
-    rows.append(("3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch 64; ODT: 0.175 s)",
-                 f"{sec:.3f} s"))
+    sec, mm, drop = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, odt_batch, cli.update_steps, split=True)
+    rows.append((f"3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch {odt_batch}; ODT at "
+                 "batch 64: 0.175 s)",
+                 f"{sec:.3f} s: matrix products {100 * mm:.0f}%, dropout masks {100 * drop:.0f}%, rest "
+                 f"{100 * (1 - mm - drop):.0f}%"))
     flops, peak = pretrain_step_flops(obs_dim, act_dim, odt_cfg, odt_batch), matmul_gflops()
     rows.append(("3c'. its FLOP floor: FLOPs / measured fp32 matmul rate (1024^2, same threads)",
                  f"{flops / 1e9:.1f} GFLOP / {peak:.0f} GFLOP/s = {flops / 1e9 / peak:.3f} s; step = "
