@@ -67,7 +67,7 @@ def model_and_norm(env_id, cfg=None, path=None):
         return (*dt_grpo.load_policy(dt_grpo.load_checkpoint(path, env_id)), f"checkpoint {path}")
     env = dt_grpo.make_env(env_id)
     d = pretrain.Args()
-    cfg = dict(dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len), **(cfg or {}))
+    cfg = {**dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len), **(cfg or {})}
     model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
                                                             dropout=0.0, time_embed=d.time_embed, **cfg))
     return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
@@ -241,7 +241,8 @@ def main():
     size = dict(embed_dim=model.cfg.embed_dim, n_layer=model.cfg.n_layer, n_head=model.cfg.n_head)
     for label, cfg in ((f"window K {model.context_len}", dict(context_len=model.context_len)),
                        ("window K 5", dict(context_len=5)),
-                       (f"band K {model.context_len}, KV cache", dict(context_len=model.context_len, attention="band"))):
+                       (f"band K {model.context_len}, KV cache",
+                        dict(context_len=model.context_len, attention="band"))):
         rows.append((f"2c. policy forward per lock-step step, {B} lanes, {label}",
                      f"{forward_ms(model_and_norm(a.env_id, cfg=dict(size, **cfg))[0], B):.2f} ms"))
     for kind, (model, norm, _) in policies.items():
