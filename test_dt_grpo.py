@@ -1158,6 +1158,8 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
             if wall is not None:
                 w.add_scalar("charts/wall_s", wall, step)
                 w.add_scalar("charts/grad_steps", step // 10, step)
+        for i in range(12):  # diagnostics: the mean of the last 10 logged values, 3..12 -> 7.5
+            w.add_scalar("charts/action_std", i + 1.0, i)
         w.close()
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import report
@@ -1173,3 +1175,5 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     assert 10.0 <= lo < 25.0 < hi <= 40.0  # a bootstrap interval inside the seeds' range
     assert row[6] == "10.0, 20.0, 30.0, 40.0" and row[7] == "300" and row[8] == "30" and row[9].startswith("3.0")
     assert report.load(runs[0], max_steps=150)["score"].tolist() == [5.0, 5.0]  # same-budget cut
+    diag = [ln for ln in (tmp_path / "out.md").read_text().splitlines() if "hand" in ln][1]
+    assert diag == "| Hopper-v4 hand | 7.5 |"  # the only diagnostic logged: action std

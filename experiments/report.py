@@ -45,9 +45,16 @@ def load(run_dir, max_steps=float("inf")):
         wall = np.array([ev[s].wall_time for s in steps]) - ev[steps[0]].wall_time
     grad = [e.value for e in acc.Scalars("charts/grad_steps") if e.step <= max_steps] if "charts/grad_steps" in tags \
         else []
+    diag = {name: float(np.mean([e.value for e in acc.Scalars(tag) if e.step <= max_steps][-10:]))
+            for name, tag in DIAGNOSTICS.items() if tag in tags}
     return dict(env=parts[0], exp=parts[1] if len(parts) > 2 else parts[0], seed=parts[2] if len(parts) > 2 else "?",
                 steps=steps, score=np.array([ev[s].value for s in steps]), wall=wall,
-                grad_steps=int(grad[-1]) if grad else 0)
+                grad_steps=int(grad[-1]) if grad else 0, diag=diag)
+
+
+# training diagnostics of the diagnostics table: the mean of a run's last 10 logged values
+DIAGNOSTICS = {"action std": "charts/action_std", "approx_kl": "losses/approx_kl",
+               "within-group std of the score": "charts/group_return_std", "eval speed (m/s)": "eval/forward_speed"}
 
 
 def iqm_ci(values, reps=2000):
@@ -78,6 +85,19 @@ def table(groups):
                     f"{np.mean([r['steps'][-1] for r in runs]):.0f} | {np.mean([r['grad_steps'] for r in runs]):.0f} | "
                     f"{np.mean([r['wall'][-1] for r in runs]) / 60:.1f} |")
     return "\n".join(rows)
+
+
+def diagnostics(groups):
+    """Per group, the mean over seeds of each diagnostic (the mean of the run's last 10 logged values)."""
+    names = [n for n in DIAGNOSTICS if any(n in r["diag"] for runs in groups.values() for r in runs)]
+    if not names:
+        return ""
+    rows = [f"| experiment | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for (env, exp), runs in groups.items():
+        vals = [np.mean([r["diag"][n] for r in runs if n in r["diag"]]) if any(n in r["diag"] for r in runs)
+                else float("nan") for n in names]
+        rows.append(f"| {env} {exp} | {' | '.join(f'{v:.3g}' for v in vals)} |")
+    return "\n".join(["", "Diagnostics (mean over seeds of each run's last 10 logged values):", "", *rows])
 
 
 def curves(groups, path, title, log_steps=False):
@@ -141,7 +161,7 @@ def main(argv=None):
     if not groups:
         print("error: no run with an evaluation", file=sys.stderr)
         return 1
-    text = table(groups)
+    text = table(groups) + diagnostics(groups)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".md", "w") as f:
         f.write(text + "\n")
