@@ -382,16 +382,17 @@ class Block(nn.Module):
         """x (B, N, D); mask (B, 1, n, keys) bool, True = may attend. n_out: compute only the last n_out tokens'
         outputs (their queries still attend to every token): the same numbers for them at a fraction of the cost.
         past: keys and values (B, heads, P, D/heads) of earlier tokens, placed before x's (the KV cache).
-        Returns the outputs and this block's keys and values of x's tokens (for a cache)."""
+        Returns the outputs and the keys and values attended to (past's, then x's tokens'): what a cache keeps."""
         B, N, D = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, D // self.n_head)
-        q, k_new, v_new = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
-        k, v = (k_new, v_new) if past is None else (torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         if n_out is not None:
             q, mask, x = q[:, :, -n_out:], mask[:, :, -n_out:], x[:, -n_out:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, x.shape[1], D)))  # (B, n_out or N, D)
-        return x + self.mlp(self.ln2(x)), (k_new, v_new)
+        return x + self.mlp(self.ln2(x)), (k, v)
 
 
 class DecisionTransformer(nn.Module):
@@ -488,9 +489,8 @@ class DecisionTransformer(nn.Module):
         ok = torch.cat([cache["ok"], prev_valid[:, None], torch.ones_like(cache["ok"][:, :2])], 1)
         mask = self.attn_mask(3, ok.shape[1], ok)
         for i, blk in enumerate(self.blocks):
-            past = cache["kv"][i]
-            x, (k, v) = blk(x, mask, n_out=1 if i == len(self.blocks) - 1 else None, past=past)
-            cache["kv"][i] = (torch.cat([past[0][:, :, 3:], k], 2), torch.cat([past[1][:, :, 3:], v], 2))
+            x, (k, v) = blk(x, mask, n_out=1 if i == len(self.blocks) - 1 else None, past=cache["kv"][i])
+            cache["kv"][i] = (k[:, :, 3:], v[:, :, 3:])  # the oldest 3 tokens leave the band
         cache["ok"] = ok[:, 3:]
         mean, pre_std = self.head(self.ln_out(x[:, -1])).chunk(2, dim=-1)
         return mean, LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(pre_std) + 1)
