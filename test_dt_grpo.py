@@ -515,6 +515,18 @@ def test_parallel_lanes_give_the_same_numbers_as_lanes_in_this_process(tiny_ckpt
     assert a["branch"]["terminated"].tolist() == b["branch"]["terminated"].tolist()
 
 
+def test_parallel_lanes_raise_worker_errors_in_the_parent_and_close(black_box_env_id):
+    lanes = dt_grpo.Lanes(black_box_env_id, 4, workers=2)  # no set_state: restore fails inside the workers
+    procs = list(lanes.procs)
+    with pytest.raises(AttributeError):
+        lanes.restore([0, 3], np.zeros((2, 6)), np.zeros((2, 6)))
+    assert lanes.reset([1, 2, 3, 4]).shape == (4, 11)  # the workers survive an error
+    lanes.close()
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(dt_grpo.UserError, match="Hopperr-v4"):
+        dt_grpo.Lanes("Hopperr-v4", 4, workers=2)
+
+
 def test_flat_groups_are_dropped_from_the_update_when_asked(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
     anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
