@@ -567,9 +567,11 @@ def run_lanes(model, lanes: Lanes, first_obs, rtg0, t0, n_sample, max_steps, nor
     lanes of the same noise_group[b]: common random numbers). It stops on termination, after max_steps[b] steps, or
     at the env's time limit (t0 + steps = horizon).
 
-    The DT inputs live in buffers of P+S steps per lane, P = K-1: the first P slots are the `prefix` (the context a
-    branch inherits from the anchor; padding for a fresh episode), step j sits at slot P+j. The action at step j
-    is computed from the window [j, j+K) of that buffer: the update later recomputes it from the same window."""
+    The DT inputs live in buffers of P+S steps per lane, P = K-1 with K = model.input_steps: the first P slots are
+    the `prefix` (the context a branch inherits from the anchor; padding for a fresh episode), step j sits at slot
+    P+j. The action at step j is a function of the window [j, j+K) of that buffer, computed by one forward of the
+    window (window models) or by the KV cache (band models, the same numbers), and the update later recomputes it
+    from the same steps."""
     device = next(model.parameters()).device
     B, K, S = len(first_obs), model.input_steps, int(max(max_steps))  # lanes 0..B-1 of `lanes` run
     P = K - 1
