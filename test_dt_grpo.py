@@ -49,34 +49,29 @@ def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0, attention="window"):
     return dt_grpo.DecisionTransformer(cfg).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny pretrained Hopper-v4 checkpoint made in-process (shared by the online tests)."""
-    d = tmp_path_factory.mktemp("ckpt")
-    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(d / "data"), output=str(d / "tiny.pt"),
-                         context_len=5, embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
-                         eval_episodes=2, log_every=10, cuda=False)
+def pretrain_tiny(folder, name, **kw):
+    """A tiny pretrained Hopper-v4 checkpoint made in-process, in `folder` (its data cached there too)."""
+    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(folder / "data"),
+                         output=str(folder / name), embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
+                         eval_episodes=2, log_every=10, cuda=False, **kw)
     cwd = os.getcwd()
-    os.chdir(d)
+    os.chdir(folder)
     try:
         return pretrain.main(args)
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Window attention, K 5 (shared by the online tests)."""
+    return pretrain_tiny(tmp_path_factory.mktemp("ckpt"), "tiny.pt", context_len=5)
 
 
 @pytest.fixture(scope="session")
 def band_ckpt(tmp_path_factory):
-    """The same, with band attention (K 3, 2 layers: actions need 7 steps of input)."""
-    d = tmp_path_factory.mktemp("band")
-    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(d / "data"), output=str(d / "band.pt"),
-                         context_len=3, embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
-                         eval_episodes=2, log_every=10, cuda=False, attention="band")
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        return pretrain.main(args)
-    finally:
-        os.chdir(cwd)
+    """Band attention, K 3, 2 layers: an action needs 7 steps of input."""
+    return pretrain_tiny(tmp_path_factory.mktemp("band"), "band.pt", context_len=3, attention="band")
 
 
 # ---------------------------------------------------------------------------------------------------
