@@ -1184,3 +1184,13 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     assert report.load(runs[0], max_steps=150)["score"].tolist() == [5.0, 5.0]  # same-budget cut
     diag = [ln for ln in (tmp_path / "out.md").read_text().splitlines() if "hand" in ln][1]
     assert diag == "| Hopper-v4 hand | 7.5 |"  # the only diagnostic logged: action std
+
+
+@pytest.mark.parametrize("script", ["dt_grpo.py", "qgrpo.py", "baselines/odt.py"])
+def test_band_checkpoint_runs_in_every_online_script(band_ckpt, tmp_path, script):
+    extra = {"dt_grpo.py": ["--checkpoint", band_ckpt, *TINY_ONLINE],
+             "qgrpo.py": ["--checkpoint", band_ckpt, *TINY_ONLINE, "--num-rollouts", "2", "--critic-batch-size", "8",
+                          "--target-action", "policy"],
+             "baselines/odt.py": odt_cmd(band_ckpt)}[script]
+    p = run(script, *extra, "--total-env-steps", "40", cwd=tmp_path)
+    assert "done:" in p.stdout
