@@ -22,8 +22,12 @@ from dt_grpo import UserError
 class Args(dt_grpo.Args):
     exp_name: str = "qgrpo"
     """the name of this experiment (part of the run name)"""
-    num_rollouts: int = 8
-    """episodes collected per iteration, in lock-step, from fresh resets"""
+    num_rollouts: int = 64
+    """episodes collected per iteration, in lock-step, from fresh resets (64: a policy update every ~3k env steps,
+    as in reset-mode GRPO-DT; with 8 the action std collapsed on critic noise: README, QGRPO results)"""
+    num_resets: int = 64
+    """M: states per iteration, drawn along the rollouts, whose G candidates the critic scores (no simulation, so
+    M = 64 gives an update 512 candidates at no env-step cost)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the twin Q-networks"""
     gamma: float = 0.99
