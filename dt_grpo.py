@@ -388,6 +388,7 @@ class Block(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        mask = mask[..., -k.shape[2] :]  # keys: the last tokens (a band model's earlier block may output only those)
         if n_out is not None:
             q, mask, x = q[:, :, -n_out:], mask[:, :, -n_out:], x[:, -n_out:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -455,7 +456,11 @@ class DecisionTransformer(nn.Module):
             x, keys_ok = x[:, :-1], keys_ok[:, :-1]  # compute only the outputs of the tokens from s_{T-n+1} on
         mask = self.attn_mask(x.shape[1], x.shape[1], keys_ok)
         for i, blk in enumerate(self.blocks):
-            x, _ = blk(x, mask, n_out=3 * n - 2 if n is not None and i == len(self.blocks) - 1 else None)
+            n_out = None  # outputs needed from this block: the last block's 3n-2 tokens, and in a band model
+            if n is not None:  # each earlier block one band more (the keys of the next), in a window model all
+                n_out = 3 * n - 2 + (len(self.blocks) - 1 - i) * (3 * self.context_len - 1 if self.band else x.shape[1])
+                n_out = n_out if n_out < x.shape[1] else None
+            x, _ = blk(x, mask, n_out=n_out)
         h = self.ln_out(x)
         mean, pre_std = self.head(h[:, ::3] if n is not None else h[:, 1::3]).chunk(2, dim=-1)  # (B,n or T,act)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(pre_std) + 1)
