@@ -26,6 +26,15 @@ TINY_ONLINE = ["--group-size", "3", "--num-resets", "2", "--l-traj", "3", "--l-e
                "--eval-every", "1", "--update-epochs", "2", "--num-minibatches", "2"]
 
 
+def popen_interruptible(cmd, cwd):
+    """A child whose SIGINT does what Ctrl-C does, even when this suite runs as a background job (a shell starts
+    those with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    import signal
+
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def run(script, *argv, cwd, expect=0):
     """Run a project script as a user would; returns the completed process."""
     p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], cwd=cwd, capture_output=True, text=True,
@@ -691,7 +700,7 @@ def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path):
     write_d4rl(str(tmp_path / "d.hdf5"))
     cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), "--dataset", "d.hdf5", *TINY_MODEL, "--num-steps",
            "100000", "--log-every", "1"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = popen_interruptible(cmd, cwd=tmp_path)
     for line in p.stdout:
         if line.startswith("step 3/"):
             break
@@ -924,7 +933,7 @@ def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_report
     cmd = [sys.executable, os.path.join(HERE, "dt_grpo.py"), "--checkpoint", tiny_ckpt, "--total-env-steps", "10**9",
            *TINY_ONLINE]
     cmd[cmd.index("10**9")] = str(10**9)
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = popen_interruptible(cmd, cwd=tmp_path)
     for line in p.stdout:  # wait for a finished iteration
         if line.startswith("iter 2 "):
             break
