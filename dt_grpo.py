@@ -14,6 +14,7 @@ Run: python dt_grpo.py --env-id Hopper-v4    (README.md explains every choice an
 """
 
 import dataclasses
+import functools
 import os
 import random
 import subprocess
@@ -29,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+
+import lanes as lanes_lib
 
 warnings.filterwarnings("ignore", message=".*is out of date.*")  # we use the -v4 envs on purpose (D4RL dynamics)
 
@@ -214,137 +217,13 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def episode_horizon(env) -> int:
-    """The env's own time limit (gymnasium's TimeLimit), which every rollout respects."""
-    return int(env.spec.max_episode_steps) if env.spec and env.spec.max_episode_steps else 1000
-
-
-def reset_envs(envs, seeds):
-    return np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
-
-
-def x_position(envs):
-    """The x coordinate (qpos[0]) of each MuJoCo env; NaN where the env hides its simulator."""
-    return np.array([e.unwrapped.data.qpos[0] if hasattr(e.unwrapped, "data") else np.nan for e in envs])
-
-
-def lane_op(envs, op, idx, *cols):
-    """One operation on the envs `idx` of a list (row n of each column belongs to env idx[n]); returns a tuple of
-    arrays, one row per env. The simulator has no batched step, so each env is one call."""
-    if op == "step":  # cols: actions -> (obs, reward, terminated)
-        out = [envs[i].unwrapped.step(a) for i, a in zip(idx, cols[0])]
-        return np.stack([o[0] for o in out]), np.array([o[1] for o in out]), np.array([o[2] for o in out])
-    if op == "reset":  # cols: seeds -> (obs,)
-        return (reset_envs([envs[i] for i in idx], cols[0]),)
-    if op == "restore":  # cols: qpos, qvel -> (obs,)
-        for i, qpos, qvel in zip(idx, *cols):
-            envs[i].unwrapped.set_state(qpos, qvel)
-        return (np.stack([envs[i].unwrapped._get_obs() for i in idx]),)
-    if op == "state":  # -> (qpos, qvel)
-        return tuple(np.stack([getattr(envs[i].unwrapped.data, k).copy() for i in idx]) for k in ("qpos", "qvel"))
-    if op == "x":
-        return (x_position([envs[i] for i in idx]),)
-    if op == "render":
-        return (np.stack([envs[i].render() for i in idx]),)
-    raise ValueError(op)
-
-
-def lane_worker(conn, env_id, n, make_kwargs):
-    """A worker process of Lanes: owns n envs and applies lane_op to them until it receives None."""
-    try:
-        envs = [make_env(env_id, **make_kwargs) for _ in range(n)]
-    except UserError as e:
-        conn.send(e)
-        return
-    conn.send(None)
-    while (msg := conn.recv()) is not None:
-        try:
-            conn.send(lane_op(envs, *msg[:2], *msg[2]))
-        except Exception as e:  # noqa: BLE001 -- sent back and raised in the parent
-            conn.send(e)
-    for env in envs:
-        env.close()
-
-
-class Lanes:
-    """n envs of one id that step together: the rollout lanes. With workers <= 1 they live in this process and
-    step one after another; with workers > 1 they are split into contiguous shares, one worker process each, and
-    every operation runs on all shares at the same time (--sim-workers). The same MuJoCo on the same states and
-    actions: the numbers do not depend on the number of workers (tested)."""
+class Lanes(lanes_lib.Lanes):
+    """n envs of id env_id that step together: the rollout lanes (step, reset, restore, state, x_position, render;
+    lanes.py). With workers > 1 (--sim-workers) they are split across worker processes that step their shares at
+    the same time; the numbers do not depend on the number of workers (tested)."""
 
     def __init__(self, env_id: str, n: int, workers: int = 0, **make_kwargs):
-        probe = make_env(env_id, **make_kwargs)  # a bad env id fails here, in this process, in one line
-        self.n, self.horizon, self.dt = n, episode_horizon(probe), getattr(probe.unwrapped, "dt", np.nan)
-        self.act_dim = probe.action_space.shape[0]
-        self.healthy_reward = float(getattr(probe.unwrapped, "_healthy_reward", 0.0))
-        self.can_restore = hasattr(probe.unwrapped, "set_state")
-        workers = min(workers, n)
-        if workers <= 1:
-            self.envs, self.pipes = [probe] + [make_env(env_id, **make_kwargs) for _ in range(n - 1)], []
-            return
-        probe.close()
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        self.envs, self.first = None, np.linspace(0, n, workers + 1).astype(int)  # worker w owns [first[w], first[w+1])
-        self.pipes, self.procs = [], []
-        for w in range(workers):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=lane_worker, args=(child, env_id, int(np.diff(self.first)[w]), make_kwargs),
-                               daemon=True)
-            proc.start()
-            self.pipes.append(parent)
-            self.procs.append(proc)
-        for err in [pipe.recv() for pipe in self.pipes]:
-            if err is not None:
-                raise err
-
-    def __len__(self):
-        return self.n
-
-    def _do(self, op, idx, *cols):
-        idx = np.asarray(idx, np.int64)
-        if self.envs is not None:
-            return lane_op(self.envs, op, idx, *cols)
-        owner = np.searchsorted(self.first, idx, side="right") - 1
-        workers = np.unique(owner)
-        for w in workers:  # send every share first, then collect: the workers run at the same time
-            sel = owner == w
-            self.pipes[w].send((op, idx[sel] - self.first[w], [np.asarray(c)[sel] for c in cols]))
-        parts = [self.pipes[w].recv() for w in workers]
-        for p in parts:
-            if isinstance(p, Exception):
-                raise p
-        order = np.argsort(np.concatenate([np.flatnonzero(owner == w) for w in workers]), kind="stable")
-        return tuple(np.concatenate(col)[order] for col in zip(*parts))
-
-    def step(self, idx, actions):
-        """obs, reward, terminated of lanes idx after one step with actions (one row each)."""
-        return self._do("step", idx, actions)
-
-    def reset(self, seeds, idx=None):
-        """Reset lanes idx (default 0..len(seeds)-1) with these seeds; their first observations."""
-        return self._do("reset", np.arange(len(seeds)) if idx is None else idx, np.asarray(seeds, np.int64))[0]
-
-    def restore(self, idx, qpos, qvel):
-        """Set the simulator state of lanes idx; their observations there."""
-        return self._do("restore", idx, qpos, qvel)[0]
-
-    def state(self, idx):
-        return self._do("state", idx)
-
-    def x_position(self):
-        return self._do("x", np.arange(self.n))[0]
-
-    def render(self):
-        return self._do("render", [0])[0][0]
-
-    def close(self):
-        for env in self.envs or []:
-            env.close()
-        for pipe, proc in zip(self.pipes, getattr(self, "procs", [])):
-            pipe.send(None)
-            proc.join(timeout=10)
+        super().__init__(functools.partial(make_env, env_id, **make_kwargs), n, workers)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ ALGO_FLAGS = ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches")
 def serial_gym_rate(env_id, n_envs, steps, seed=0):
     """Plain gymnasium: env.step (wrappers included) on n_envs envs one after another, random actions."""
     envs = [dt_grpo.make_env(env_id) for _ in range(n_envs)]
-    dt_grpo.reset_envs(envs, range(seed, seed + n_envs))
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
     for _ in range(steps):

@@ -108,12 +108,12 @@ def evaluate(policy, env_id, episodes, seed):
     rets, speeds = [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        x0, ret, steps, done = dt_grpo.x_position([env])[0], 0.0, 0, False
+        x0, ret, steps, done = env.unwrapped.data.qpos[0], 0.0, 0, False
         while not done:
             obs, r, terminated, truncated, _ = env.step(policy.predict(obs, deterministic=True)[0])
             ret, steps, done = ret + r, steps + 1, terminated or truncated
         rets.append(ret)
-        speeds.append((dt_grpo.x_position([env])[0] - x0) / (steps * env.unwrapped.dt))
+        speeds.append((env.unwrapped.data.qpos[0] - x0) / (steps * env.unwrapped.dt))
     env.close()
     return float(np.mean(rets)), float(np.mean(speeds))
 
