@@ -92,6 +92,8 @@ class Args(RunArgs):
 
     learning_rate: float = 3e-5
     """Adam learning rate of the online updates"""
+    adam_beta1: float = 0.0
+    """Adam's beta1: 0 keeps an iteration's update inside it (0.9 moves the params ~64% further after it)"""
     target_rtg: Optional[float] = None
     """return-to-go the rollouts condition on (raw, unscaled); default: per-env table (hopper 3600)"""
     # 2. reset states (active sampling)
@@ -99,9 +101,12 @@ class Args(RunArgs):
     """M: reset states drawn along each anchor rollout (one group each)"""
     anchor_policy: Literal["sample", "mean"] = "mean"
     """how the anchor rollout acts: sampled actions, or the mean action (the deterministic policy that is evaluated)"""
-    reset_sampling: Literal["variance", "uniform", "failure"] = "variance"
-    """how reset states are drawn: with probability proportional to the action variance, uniformly, or (failure)
-    uniformly among the last --failure-window steps before the anchor fell (by variance if it did not fall)"""
+    reset_sampling: Literal["variance", "proportional", "uniform", "failure"] = "variance"
+    """reset states: p ~ exp(beta z(var)), p ~ var, uniform, or (failure) uniform just before the anchor's fall"""
+    reset_beta: float = 1.0
+    """variance sampling: p(t) ~ exp(reset_beta * z_t), z_t the action variance standardised along the anchor"""
+    reset_fit: bool = True
+    """if toggled, reset states only where a whole branch (L_traj + L_eval steps) fits before the time limit"""
     failure_window: int = 100
     """reset-sampling failure: how many steps before the anchor's termination the reset states are drawn from"""
     # 3. groups of branches
@@ -123,9 +128,8 @@ class Args(RunArgs):
     score_gamma: float = 0.99
     """discount of the branch score R_i = sum_t score_gamma^t r_t over the L_traj + L_eval steps (1 = undiscounted,
     which ranks standing still above hopping on Hopper: README, results)"""
-    alive_bonus: Literal["keep", "drop"] = "drop"
-    """drop: subtract the env's healthy reward from every branch step in the training signal (ARS's shift), so that
-    surviving alone scores nothing; keep: the env's reward. Evaluation always reports the env's true return"""
+    alive_bonus: float = 0.0
+    """fraction of the env's healthy reward kept in the branch score (0: ARS's shift, 1: the env's reward)"""
     adv_norm: Literal["std", "floor", "none"] = "std"
     """group advantage: (R - mean) / (std + adv_eps) (GRPO), / max(std, --adv-std-floor), or R - mean (Dr. GRPO)"""
     adv_eps: float = 1e-6
@@ -149,9 +153,9 @@ class Args(RunArgs):
     max_grad_norm: float = 0.5
     """gradient-norm clip"""
     target_kl: Optional[float] = None
-    """if set, stop an iteration's epochs early once an epoch's mean approx_kl exceeds it (as in CleanRL's PPO)"""
+    """if set, stop an iteration's epochs once the batch's KL(old || new) after an epoch exceeds it"""
     ent_coef: float = 0.0
-    """weight of an entropy bonus (0 = pure RL, the paper's setting)"""
+    """weight of an entropy bonus over the branches' live sampled steps (0 = pure RL, the paper's setting)"""
     max_nonfinite: int = 10
     """stop after this many consecutive updates with a non-finite loss"""
 
@@ -547,27 +551,39 @@ def evaluate(model, lanes: Lanes, norm, reward_scale, eval_rtg, seed, frames=Non
 # ---------------------------------------------------------------------------------------------------
 # 5. GRPO-DT math, each piece a small function (tested in test_dt_grpo.py)
 # ---------------------------------------------------------------------------------------------------
-def sample_reset_indices(var, num, mode, rng: np.random.Generator, fell=False, window=100):
-    """Active sampling (the paper's; the rule is ours): draw `num` distinct anchor steps with probability
-    proportional to the policy's action variance (mean over action dims); `uniform` is the ablation; `failure`
-    draws uniformly from the last `window` steps of an anchor that fell (by variance when it did not). An anchor
-    (or window) shorter than `num` steps gives all of its steps."""
+def reset_probs(var, mode="variance", beta=1.0):
+    """Active sampling (the paper's idea; the rule is ours): the probability of restarting at each anchor step.
+    variance:     p_t ~ exp(beta * z_t), z_t = (u_t - mean u) / std u, u_t the action variance (mean over dims).
+                  Scale-free: along an anchor u_t varies by only ~10%, so p_t ~ u_t would be uniform in practice;
+                  here one std more uncertain is e^beta times likelier (ESS ~ exp(-beta^2) T for Gaussian z).
+    proportional: p_t ~ u_t.          uniform: p_t = 1/T."""
+    u = np.asarray(var, np.float64)
+    if mode == "uniform" or len(u) < 2 or (mode == "variance" and (beta == 0 or u.std() == 0)):
+        return np.full(len(u), 1.0 / len(u))
+    if mode == "proportional":
+        w = u + 1e-12
+    else:
+        z = (u - u.mean()) / u.std()
+        w = np.exp(beta * (z - z.max()))  # shifted by max z: never overflows
+    return w / w.sum()
+
+
+def sample_reset_indices(var, num, mode, rng: np.random.Generator, fell=False, window=100, beta=1.0):
+    """Draw `num` distinct anchor steps from reset_probs; `failure` draws uniformly from the last `window` steps of an
+    anchor that fell (by variance when it did not). An anchor (or window) shorter than `num` gives all its steps."""
     T = len(var)
     if mode == "failure" and fell:
         lo = max(0, T - window)
         return lo + sample_reset_indices(var[lo:], num, "uniform", rng)
     if T <= num:
         return np.arange(T)
-    p = None
-    if mode in ("variance", "failure"):
-        p = np.asarray(var, np.float64) + 1e-12
-        p = p / p.sum()
+    p = reset_probs(var, "variance" if mode == "failure" else mode, beta)
     return np.sort(rng.choice(T, size=num, replace=False, p=p))
 
 
 def branch_scores(rewards, length, gamma=1.0, alive=0.0):
-    """R_i = sum_{t < length_i} gamma^t (r_it - alive): the training signal of a branch (alive = the healthy reward
-    removed from each of its steps, ARS's shift; 0 keeps the env's reward)."""
+    """R_i = sum_{t < length_i} gamma^t (r_it - alive): the training signal of a branch (alive = the part of the
+    healthy reward removed from each of its steps, ARS's shift; 0 keeps the env's reward)."""
     t = np.arange(rewards.shape[1])
     lived = t[None, :] < np.asarray(length)[:, None]
     return (np.where(lived, rewards - alive, 0.0) * gamma ** t[None, :]).sum(1)
@@ -663,9 +679,11 @@ def collect_groups(model, anchor_lanes: Lanes, branches: Lanes, args, norm, scal
                        scale, record_state=True)
     T = int(anchor["length"][0])
 
-    # 2. Reset states (active sampling): t_1..t_M drawn with p(t) ~ sigma_t^2 (or before the fall, or uniformly).
-    starts = sample_reset_indices(anchor["var"][0, :T], M, args.reset_sampling, rng,
-                                  fell=bool(anchor["terminated"][0]), window=args.failure_window)
+    # 2. Reset states (active sampling): t_1..t_M drawn with p(t) ~ exp(beta z(sigma_t^2)) (--reset-sampling), among
+    #    the steps where a whole branch of L_traj + L_eval steps fits before the time limit (--reset-fit).
+    fits = max(1, min(T, anchor_lanes.horizon - L - l_eval)) if args.reset_fit else T
+    starts = sample_reset_indices(anchor["var"][0, :fits], M, args.reset_sampling, rng, beta=args.reset_beta,
+                                  fell=bool(anchor["terminated"][0]) and fits == T, window=args.failure_window)
     m = len(starts)
     reset_step = np.repeat(starts, G)  # branch b restarts from anchor step reset_step[b]
 
@@ -678,9 +696,9 @@ def collect_groups(model, anchor_lanes: Lanes, branches: Lanes, args, norm, scal
     branch = run_lanes(model, branches, first_obs, rtg_start, reset_step, L, np.full(m * G, L + l_eval), norm, scale,
                        prefix=prefix, cont_temp=args.continuation_temp, noise_group=np.repeat(np.arange(m), G))
 
-    # 4. Group advantage: R_i = sum_t gamma^t (r_t - alive) over the branch's L_traj + L_eval steps;
+    # 4. Group advantage: R_i = sum_t gamma^t (r_t - (1 - alive_bonus) h) over the branch's L_traj + L_eval steps;
     #    A_i = (R_i - mean_j R_j) / std_j R_j within the group (--adv-norm); flat groups optionally dropped.
-    alive = anchor_lanes.healthy_reward if args.alive_bonus == "drop" else 0.0
+    alive = (1.0 - args.alive_bonus) * anchor_lanes.healthy_reward  # the part of the healthy reward removed
     R = branch_scores(branch["rewards"], branch["length"], args.score_gamma, alive).reshape(m, G)
     adv = group_advantages(R, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
     keep = torch.as_tensor(np.repeat(R.std(1) > args.min_group_std, G), device=device)
@@ -704,24 +722,47 @@ def recompute_log_prob(model, batch, rows):
     return log_prob(mean, log_std, batch["actions"][rows]), mean, log_std
 
 
+@torch.no_grad()
+def batch_kl(model, batch, rows, ratio_mode):
+    """KL(pi_old || pi_theta) over branches `rows` at the current parameters (policy_loss's k3 estimator, one value
+    per ratio unit): how far an update moved the policy, measured after it (what --target-kl acts on)."""
+    new_logp = recompute_log_prob(model, batch, rows)[0]
+    return policy_loss(new_logp, batch["old_logp"][rows], batch["mask"][rows], batch["adv"][rows], 1.0,
+                       ratio_mode)[1]["approx_kl"]
+
+
+def grpo_loss(model, batch, mb, args):
+    """The loss of branches mb (steps 5-6); returns it, policy_loss's statistics and the log-stds (mb, L, act)."""
+    # 5. Sequence-level ratio rho_i = exp(sum_{t<L_traj} [log pi_theta(a_t|h_t,g_t) - log pi_old(a_t|h_t,g_t)]),
+    #    recomputed on exactly the windows (context, intended RTG tokens) the branch acted on; the mask drops the
+    #    steps after a branch ended.
+    new_logp, mean, log_std = recompute_log_prob(model, batch, mb)  # (mb, L_traj), (mb, L_traj, act) x 2
+    mask = batch["mask"][mb]  # (mb, L_traj)
+    # 6. Clipped objective: L = -mean_i min(rho_i A_i, clip(rho_i, 1-eps, 1+eps) A_i)  [- ent_coef * H, off].
+    loss, st = policy_loss(new_logp, batch["old_logp"][mb], mask, batch["adv"][mb], args.clip_eps, args.ratio)
+    if args.ent_coef > 0:
+        loss = loss - args.ent_coef * (entropy_estimate(mean, log_std) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, st, log_std
+
+
+def online_optimizer(model, args):
+    """Adam for the online updates. beta1 (--adam-beta1) sets how much of an iteration's movement lands after it: for
+    a steady gradient over n steps, (1 - b^n) b / ((1 - b) n); 0.9 at n = 8: 64%; 0 (the default): none."""
+    return torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, 0.999))
+
+
 def grpo_update(model, optimizer, batch, args):
     """Steps 5-6: update_epochs x num_minibatches gradient steps on the clipped surrogate. Returns a dict of
-    per-step statistics (tensors; empty when nothing was updated) and the number of non-finite steps skipped."""
+    per-step statistics (tensors; empty when nothing was updated; approx_kl is the batch's KL after the update)
+    and the number of non-finite steps skipped."""
     device = next(model.parameters()).device
-    stats, n_bad = [], 0
+    stats, n_bad, kl = [], 0, None
     rows = torch.arange(batch["actions"].shape[0], device=device)[batch["keep"]]  # --min-group-std drops flat groups
     if len(rows) == 0:
         return {}, 0
     for epoch in range(args.update_epochs):
         for mb in rows[torch.randperm(len(rows), device=device)].chunk(args.num_minibatches):
-            # 5. Sequence-level ratio rho_i = exp(sum_{t<L_traj} [log pi_theta(a_t|h_t,g_t) - log pi_old(a_t|h_t,g_t)])
-            #    recomputed on exactly the windows (context, intended RTG tokens) the branch acted on.
-            new_logp, mean, log_std = recompute_log_prob(model, batch, mb)
-            # 6. Clipped update: L = -mean_i min(rho_i A_i, clip(rho_i, 1-eps, 1+eps) A_i)  [- ent_coef * H, off].
-            loss, st = policy_loss(new_logp, batch["old_logp"][mb], batch["mask"][mb], batch["adv"][mb], args.clip_eps,
-                                   args.ratio)
-            if args.ent_coef > 0:
-                loss = loss - args.ent_coef * entropy_estimate(mean, log_std).mean()
+            loss, st, log_std = grpo_loss(model, batch, mb, args)  # steps 5-6 on branches mb
             if not torch.isfinite(loss):  # one host sync per minibatch: the price of skipping a bad step
                 n_bad += 1
                 continue
@@ -729,12 +770,17 @@ def grpo_update(model, optimizer, batch, args):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
-            scalars = {k: v for k, v in st.items() if k != "ratio"}
-            stats.append(dict(scalars, policy_loss=loss.detach(), action_std=log_std.detach().exp().mean()))
-        epoch_kl = [s["approx_kl"] for s in stats[-args.num_minibatches :]]
-        if args.target_kl is not None and epoch_kl and torch.stack(epoch_kl).mean() > args.target_kl:
-            break  # one host sync per epoch, only with --target-kl
-    return {k: torch.stack([s[k] for s in stats]) for k in stats[0]} if stats else {}, n_bad
+            stats.append(dict(clipfrac=st["clipfrac"], ratio_max=st["ratio_max"], policy_loss=loss.detach(),
+                              action_std=log_std.detach().exp().mean()))
+        if args.target_kl is not None and stats:  # one host sync per epoch, only with --target-kl
+            kl = batch_kl(model, batch, rows, args.ratio)
+            if kl > args.target_kl:
+                break
+    if not stats:
+        return {}, n_bad
+    out = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
+    out["approx_kl"] = (kl if kl is not None else batch_kl(model, batch, rows, args.ratio)).reshape(1)
+    return out, n_bad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -754,7 +800,8 @@ def main(args: Args):
         raise UserError(f"{args.env_id} cannot be reset to a stored state (no set_state); GRPO-DT's groups need it. "
                         "Use the critic variant instead: python qgrpo.py (QGRPO).")
     probe.close()
-    run = Run(args)  # section 8: device, seeds, model (pretrained or resumed), optimizer, writer, evaluation
+    run = Run(args)  # section 8: device, seeds, model (pretrained or resumed), Adam(beta1 = --adam-beta1), writer
+    # (beta1 0: Adam's second moment carries over, its first does not, so each batch's update ends with its iteration)
     anchor = Lanes(args.env_id, 1)
     branches = Lanes(args.env_id, args.num_resets * args.group_size, args.sim_workers)
     run.begin()  # a new run: evaluate the pretrained DT, first checkpoint
@@ -862,11 +909,16 @@ def check_args(args):
     """Flags out of range end with one error line before any work, not with a NaN loss or an empty batch later."""
     check_ranges(args, dict(group_size=2, num_resets=1, l_traj=1, l_eval=0, l_eval_start=0, l_eval_ramp=1,
                             eval_every=1, eval_episodes=1, update_epochs=1, num_minibatches=1, failure_window=1,
-                            total_env_steps=1, torch_threads=0, adv_eps=0, ent_coef=0, continuation_temp=0),
+                            total_env_steps=1, torch_threads=0, adv_eps=0, ent_coef=0, continuation_temp=0,
+                            reset_beta=0),
                  positive=("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor", "target_kl",
                            "max_wall_minutes"))
     if not 0 < args.score_gamma <= 1:
         raise UserError(f"--score-gamma must lie in (0, 1] (got {args.score_gamma}).")
+    if not 0 <= args.adam_beta1 < 1:
+        raise UserError(f"--adam-beta1 must lie in [0, 1) (got {args.adam_beta1}).")
+    if not 0 <= args.alive_bonus <= 1:
+        raise UserError(f"--alive-bonus is the fraction of the healthy reward kept: 0 to 1 (got {args.alive_bonus}).")
 
 
 ACTIVE_CHECKPOINT = None  # the checkpoint of the run in progress, for the Ctrl-C message
@@ -899,8 +951,7 @@ class Run:
                 pretrain_default(args.env_id, path)
             ckpt = load_checkpoint(path, args.env_id, self.device)
         self.model, self.norm = load_policy(ckpt, self.device)
-        self.optimizer = (make_optimizer or (lambda m: torch.optim.Adam(m.parameters(), lr=args.learning_rate)))(
-            self.model)
+        self.optimizer = make_optimizer(self.model) if make_optimizer else online_optimizer(self.model, args)
         self.scale = ckpt["reward_scale"]
         target = getattr(args, "target_rtg", None)  # a variant without rollout RTG of its own evaluates at the table's
         self.target_rtg = target if target is not None else default_rtg(args.env_id)

@@ -22,6 +22,10 @@ from dt_grpo import UserError
 class Args(dt_grpo.Args):
     exp_name: str = "qgrpo"
     """the name of this experiment (part of the run name)"""
+    adam_beta1: float = 0.9
+    """Adam's beta1 (QGRPO keeps the value its defaults were tuned with)"""
+    reset_sampling: Literal["variance", "proportional", "uniform", "failure"] = "proportional"
+    """how states are drawn along the rollouts (QGRPO keeps p ~ var, the rule its defaults were tuned with)"""
     num_rollouts: int = 64
     """episodes collected per iteration, in lock-step, from fresh resets (64: a policy update every ~3k env steps,
     as in reset-mode GRPO-DT; with 8 the action std collapsed on critic noise: README, QGRPO results)"""
@@ -186,14 +190,14 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
                             np.full(n, lanes.horizon), norm, scale)
     tr = rollout_transitions(out, K)
     replay.add(**tr)
-    alive = lanes.healthy_reward if args.alive_bonus == "drop" else 0.0
+    alive = (1.0 - args.alive_bonus) * lanes.healthy_reward
     critic_loss = critic_update(critic, critic_targ, critic_opt, replay, int(np.ceil(args.critic_utd * len(tr["r"]))),
                                 args, rng, device, model, alive)  # the replay keeps the env's reward; the shift is here
     # 2. Active sampling of states over all rollout steps.
     lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
     step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])
     var = np.concatenate([out["var"][b, :n_b] for b, n_b in enumerate(out["length"])])
-    pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng)  # ("failure" acts as "variance" here)
+    pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng, beta=args.reset_beta)  # ("failure" acts as "variance" here)
     lane, step = np.repeat(lane_of[pick], G), np.repeat(step_of[pick], G)
     # 3. Candidates: the inputs that acted at (lane, step), G samples from its distribution.
     gather = torch.as_tensor(step[:, None] + np.arange(K), device=device)

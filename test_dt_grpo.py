@@ -207,6 +207,29 @@ def test_log_prob_matches_torch_distributions_and_is_finite_at_bounds():
 # ---------------------------------------------------------------------------------------------------
 # Data: RTG, readers, generation
 # ---------------------------------------------------------------------------------------------------
+def test_odt_step_entropy_bonus_raises_entropy_and_the_temperature_moves_toward_its_target():
+    """pretrain.odt_step (ODT's objective, also baselines/odt.py's online step) through its real optimizers."""
+    b = rand_inputs(B=8, T=5)
+    b["actions"] = 0.5 * b["actions"]  # inside (-0.5, 0.5): moderate NLL gradients
+    # the -lambda * H term: from the same start and noise, a step at temperature 10 leaves a larger std than at ~0
+    def std_after(temperature):
+        model = tiny_model(K=5)
+        torch.manual_seed(0)
+        log_temp = torch.tensor(np.log(temperature), requires_grad=True)
+        pretrain.odt_step(model, torch.optim.SGD(model.parameters(), lr=1e-3), log_temp,
+                          torch.optim.SGD([log_temp], lr=0.0), -3.0, b, max_grad_norm=1e9)
+        with torch.no_grad():
+            return model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])[1].mean().item()
+
+    assert std_after(10.0) > std_after(1e-8) + 0.02
+    # the temperature: falls when the entropy lies above the target, rises when below (ODT's Lagrangian)
+    for target, direction in [(-100.0, -1), (100.0, 1)]:
+        log_temp = torch.tensor(np.log(0.1), requires_grad=True)
+        pretrain.odt_step(tiny_model(K=5), torch.optim.SGD(tiny_model(K=5).parameters(), lr=0.0), log_temp,
+                          torch.optim.Adam([log_temp], lr=1e-2), target, b, max_grad_norm=1.0)
+        assert direction * (log_temp.item() - np.log(0.1)) == pytest.approx(1e-2, rel=1e-3)  # one Adam step: lr
+
+
 def test_returns_to_go():
     np.testing.assert_allclose(pretrain.returns_to_go(np.array([1.0, 2.0, 3.0])), [6.0, 5.0, 3.0])
     np.testing.assert_allclose(pretrain.returns_to_go(np.array([1.0, 1.0]), gamma=0.5), [1.5, 1.0])
@@ -333,7 +356,7 @@ def test_failure_sampler_draws_before_the_fall_only_when_the_anchor_fell():
         idx = dt_grpo.sample_reset_indices(var, 8, "failure", rng, fell=True, window=40)
         assert len(set(idx)) == 8 and idx.min() >= 260 and idx.max() < 300
     hits = np.mean([(dt_grpo.sample_reset_indices(var, 8, "failure", rng, fell=False) < 50).mean() for _ in range(50)])
-    assert hits > 0.8  # no fall: variance rule
+    assert hits > 0.6  # no fall: variance rule (p ~ exp(z): 75% of the mass on the first 50 steps; uniform 17%)
     np.testing.assert_array_equal(dt_grpo.sample_reset_indices(var[:5], 8, "failure", rng, fell=True), np.arange(5))
 
 
@@ -344,7 +367,7 @@ def test_l_eval_schedule():
 
 
 def test_ratio_variants_match_hand_computation_and_clip():
-    new = torch.tensor([[0.1, 0.2, 0.0], [-0.3, 0.1, 0.4]])
+    new = torch.tensor([[0.1, 0.2, 5.0], [-0.3, 0.1, 0.4]])  # 5.0: after branch 0 ended, must not count
     old = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # branch 0 ended after 2 sampled steps
     adv = torch.tensor([1.0, -2.0])
@@ -383,15 +406,36 @@ def test_policy_loss_never_overflows():
     assert torch.isfinite(st["approx_kl"]) and st["approx_kl"] > 1e7
 
 
-def test_variance_sampler_prefers_high_variance_and_uniform_does_not():
-    var = np.full(100, 0.01)
-    var[40:50] = 1.0  # 10 high-variance steps hold ~92% of the mass
+def test_reset_probabilities_hand_example_and_effective_sample_size():
+    var = np.array([1.0, 4.0, 9.0, 4.0])
+    z = (var - var.mean()) / var.std()  # the variance (sigma^2) standardised along the anchor, not sigma
+    want = np.exp(z) / np.exp(z).sum()
+    np.testing.assert_allclose(dt_grpo.reset_probs(var, "variance", beta=1.0), want, rtol=1e-12)
+    w2 = np.exp(2 * z)
+    np.testing.assert_allclose(dt_grpo.reset_probs(var, "variance", beta=2.0), w2 / w2.sum(), rtol=1e-12)
+    np.testing.assert_allclose(dt_grpo.reset_probs(var, "proportional"), var / var.sum(), rtol=1e-9)
+    np.testing.assert_allclose(dt_grpo.reset_probs(var, "uniform"), np.full(4, 0.25))
+    np.testing.assert_allclose(dt_grpo.reset_probs(var, "variance", beta=0.0), np.full(4, 0.25))
+    np.testing.assert_allclose(dt_grpo.reset_probs(np.full(5, 0.3), "variance"), np.full(5, 0.2))  # flat: uniform
+    # scale-free: a variance that varies by 10% along the anchor is as selective as one that varies 100-fold in z
     rng = np.random.default_rng(0)
-    hits_v = np.mean([np.isin(dt_grpo.sample_reset_indices(var, 4, "variance", rng), np.arange(40, 50)).mean()
-                      for _ in range(300)])
-    hits_u = np.mean([np.isin(dt_grpo.sample_reset_indices(var, 4, "uniform", rng), np.arange(40, 50)).mean()
-                      for _ in range(300)])
-    assert hits_v > 0.7 and abs(hits_u - 0.1) < 0.05
+    u = 1.0 + 0.03 * rng.standard_normal(20000)  # max/min ~ 1.1, as measured on real anchors
+    p = dt_grpo.reset_probs(u, "variance", beta=1.0)
+    assert 1 / (p**2).sum() / len(u) == pytest.approx(np.exp(-1.0), abs=0.03)  # ESS = exp(-beta^2) T, Gaussian z
+    q = dt_grpo.reset_probs(u, "proportional")
+    assert 1 / (q**2).sum() / len(u) > 0.99  # p ~ var: uniform in practice
+    np.testing.assert_allclose(dt_grpo.reset_probs(100 * u, "variance"), p, rtol=1e-9)
+    assert np.isfinite(dt_grpo.reset_probs(np.r_[np.zeros(99), 1e6], "variance", beta=50.0)).all()
+
+
+def test_samplers_draw_distinct_steps_by_their_probabilities():
+    var = np.full(100, 0.01)
+    var[40:50] = 1.0
+    rng = np.random.default_rng(0)
+    for mode, beta, want in [("variance", 1.0, None), ("proportional", 1.0, None), ("uniform", 1.0, 0.1)]:
+        hits = np.mean([np.isin(dt_grpo.sample_reset_indices(var, 4, mode, rng, beta=beta), np.arange(40, 50)).mean()
+                        for _ in range(300)])
+        assert (hits > 0.7) if want is None else abs(hits - want) < 0.05, mode
     idx = dt_grpo.sample_reset_indices(var, 4, "variance", rng)
     assert len(set(idx)) == 4
     np.testing.assert_array_equal(dt_grpo.sample_reset_indices(var[:3], 4, "variance", rng), [0, 1, 2])
@@ -425,12 +469,14 @@ def online_args(cls=dt_grpo.Args, **kw):
     return cls(**base)
 
 
-@pytest.mark.parametrize("relabel,anchor_policy,ckpt", [(False, "sample", "tiny_ckpt"), (True, "sample", "tiny_ckpt"),
-                                                        (False, "mean", "tiny_ckpt"), (False, "sample", "band_ckpt"),
-                                                        (True, "mean", "band_ckpt")])
-def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(request, relabel, anchor_policy, ckpt):
+@pytest.mark.parametrize("relabel,anchor_policy,ckpt,alive", [(False, "sample", "tiny_ckpt", 0.0),
+                                                              (True, "sample", "tiny_ckpt", 0.5),
+                                                              (False, "mean", "tiny_ckpt", 1.0),
+                                                              (False, "sample", "band_ckpt", 0.0),
+                                                              (True, "mean", "band_ckpt", 0.0)])
+def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(request, relabel, anchor_policy, ckpt, alive):
     model, norm, ck = load_tiny(request.getfixturevalue(ckpt))
-    args = online_args(relabel=relabel, anchor_policy=anchor_policy)
+    args = online_args(relabel=relabel, anchor_policy=anchor_policy, alive_bonus=alive)
     anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 12)
     torch.manual_seed(0)
     b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=5,
@@ -440,11 +486,27 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(request, re
     anchor_states = b["anchor"]["buf"]["states"][0, K - 1 + reset_step]
     # restore reproduces the anchor's observation, and the branch's first window equals the anchor's window
     np.testing.assert_allclose(norm.obs(b["first_obs"]), anchor_states.numpy(), atol=1e-6)
-    for k in ("states", "actions", "timesteps", "valid"):
+    for k in ("rtg", "states", "actions", "timesteps", "valid"):
         first = b["branch"]["buf"][k][:, : K - 1]  # the context each branch starts from
         anchor_win = b["anchor"]["buf"][k][0][torch.as_tensor(reset_step[:, None] + np.arange(K - 1))]
         assert torch.equal(first, anchor_win), k
+        # and the branch's own first step carries the anchor's tokens at the reset step (RTG g_t, t, valid)
+        if k != "actions":
+            assert torch.allclose(b["branch"]["buf"][k][:, K - 1], b["anchor"]["buf"][k][0, K - 1 + reset_step],
+                                  atol=1e-6), k
     assert torch.equal(b["branch"]["buf"]["timesteps"][:, K - 1], torch.as_tensor(reset_step))
+    # the variance the reset sampler ranks is sigma^2 (mean over dims) of the anchor's own action distributions
+    T = b["anchor_len"]
+    with torch.no_grad():
+        buf = {k: v[:, : K - 1 + T] for k, v in b["anchor"]["buf"].items()}
+        _, log_std = dt_grpo.action_dists(model, dt_grpo.action_inputs(model, buf, T))
+    np.testing.assert_allclose(b["anchor"]["var"][0, :T], (2 * log_std[0]).exp().mean(-1).numpy(), rtol=1e-4)
+    # group advantages: each row of R is one reset state's G branches, normalised within the row, in branch order
+    R = b["R"]
+    want_adv = (R - R.mean(1, keepdims=True)) / (R.std(1, keepdims=True) + args.adv_eps)
+    np.testing.assert_allclose(b["adv"].numpy(), want_adv.reshape(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b["R"].reshape(-1), dt_grpo.branch_scores(b["branch"]["rewards"],
+                               b["branch"]["length"], args.score_gamma, (1 - args.alive_bonus)), rtol=1e-12)
     assert b["actions"].shape == (m * G, L, model.act_dim) and b["old_logp"].shape == (m * G, L)
     # first-epoch ratio == 1: recomputed log-probs equal the behaviour log-probs (relabel changes the RTG tokens
     # on purpose, so there they differ: the paper's point)
@@ -456,12 +518,11 @@ def test_collect_groups_restores_anchor_and_first_epoch_ratio_is_one(request, re
     else:  # band: the rollout's cache and the update's one forward per branch round differently (float32, ~3e-7
         assert diff < (1e-4 if model.band else 1e-5)  # in the mean action), and log pi amplifies it by 1/std^2
     assert b["adv"].shape == (m * G,) and torch.isfinite(b["adv"]).all()
-    # the default branch score: discounted, Hopper's healthy reward (1 per step) removed, only the steps lived
+    # the branch score: discounted, the removed part of Hopper's healthy reward (1 per step), only the steps lived
     r, n = b["branch"]["rewards"], b["branch"]["length"]
-    want = [sum(0.99**t * (r[i, t] - 1.0) for t in range(n[i])) for i in range(len(n))]
+    want = [sum(0.99**t * (r[i, t] - (1.0 - args.alive_bonus)) for t in range(n[i])) for i in range(len(n))]
     np.testing.assert_allclose(b["R"].reshape(-1), want, rtol=1e-9)
     # the anchor's actions: the squashed mean under --anchor-policy mean, samples (off the mean) otherwise
-    T = b["anchor_len"]
     acts = b["anchor"]["buf"]["actions"][0, K - 1 : K - 1 + T].numpy()
     gap = np.abs(acts - b["anchor"]["mean_action"][0, :T]).max()
     assert (gap < 1e-6) if anchor_policy == "mean" else (gap > 1e-2)
@@ -558,29 +619,110 @@ def test_rollouts_end_at_the_env_time_limit_not_the_model_max_ep_len(tiny_ckpt):
     assert length[0] <= 30 and np.isfinite(speed).all()
 
 
-def test_one_update_raises_log_prob_of_positive_advantage_branches_and_lowers_negative(tiny_ckpt):
+def joint_logp(model, b):
+    with torch.no_grad():
+        return (dt_grpo.recompute_log_prob(model, b, torch.arange(len(b["adv"])))[0] * b["mask"]).sum(1)
+
+
+def test_one_real_update_raises_the_better_branches_of_every_group(tiny_ckpt):
+    """Through collect_groups' own advantages, the real Adam (online_optimizer) and the real clip (0.2): after one
+    iteration's update, the branch that scored best in a group gained log-probability against the worst one."""
+    model, norm, ck = load_tiny(tiny_ckpt)
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 4 * 6)
+    torch.manual_seed(0)
+    args = online_args(num_resets=4, group_size=6, update_epochs=4, num_minibatches=2)  # the default lr 3e-5
+    assert args.clip_eps == 0.2 and args.adv_norm == "std"
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
+                               rng=np.random.default_rng(0))
+    before = joint_logp(model, b)
+    stats, _ = dt_grpo.grpo_update(model, dt_grpo.online_optimizer(model, args), b, args)
+    delta = (joint_logp(model, b) - before).view(-1, args.group_size).numpy()
+    R = b["R"]
+    best, worst = R.argmax(1), R.argmin(1)
+    rows = np.arange(len(R))
+    assert (delta[rows, best] - delta[rows, worst]).mean() > 0.2, (delta, R)
+    assert (delta[rows, best] > delta[rows, worst]).sum() >= 3  # of 4 groups (the 4th: R within 0.17 of each other)
+    assert (delta.reshape(-1) * b["adv"].numpy()).sum() > 1.0  # the surrogate sum_i A_i log rho_i rose
+
+
+def test_approx_kl_is_the_batch_kl_after_the_update_and_target_kl_stops_on_it(tiny_ckpt):
     model, norm, ck = load_tiny(tiny_ckpt)
     anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
     torch.manual_seed(0)
-    args = online_args(update_epochs=1, num_minibatches=1, clip_eps=10.0)
+    args = online_args(update_epochs=3, num_minibatches=2, learning_rate=1e-3)
     b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
                                rng=np.random.default_rng(0))
-    n = len(b["adv"])
-    b["adv"] = torch.tensor([1.0, -1.0] * (n // 2))  # hand-set advantages: even branches good, odd bad
-    rows = torch.arange(n)
-    with torch.no_grad():
-        before = (dt_grpo.recompute_log_prob(model, b, rows)[0] * b["mask"]).sum(1)
-    dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-3), b, args)
-    with torch.no_grad():
-        delta = (dt_grpo.recompute_log_prob(model, b, rows)[0] * b["mask"]).sum(1) - before
-    assert delta[0::2].mean() > 0 > delta[1::2].mean()
-    # --target-kl: the epochs stop after the first one whose mean approx_kl passes it
+    before = joint_logp(model, b)
+    stats, _ = dt_grpo.grpo_update(model, dt_grpo.online_optimizer(model, args), b, args)
+    lr = (before - joint_logp(model, b)).double()  # log pi_old - log pi_new of each branch's L_traj actions
+    k3 = ((torch.exp(-lr) - 1) + lr).mean()  # k3 estimator of KL(old || new), one value per branch
+    assert stats["approx_kl"].shape == (1,) and stats["approx_kl"].item() == pytest.approx(k3.item(), rel=1e-3)
+    assert k3 > 1e-4
+    # --target-kl: the epochs stop after the first one whose batch KL (after it) passes the target
     args = online_args(update_epochs=5, num_minibatches=2, target_kl=1e-12)
-    stats, _ = dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)
-    assert len(stats["policy_loss"]) == 2  # one epoch of 2 minibatches (the first epoch's ratio moved off 1)
+    stats, _ = dt_grpo.grpo_update(model, dt_grpo.online_optimizer(model, args), b, args)
+    assert len(stats["policy_loss"]) == 2 and stats["approx_kl"].item() > 1e-12
     args.target_kl = None
-    stats, _ = dt_grpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), b, args)
+    stats, _ = dt_grpo.grpo_update(model, dt_grpo.online_optimizer(model, args), b, args)
     assert len(stats["policy_loss"]) == 10
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_with_beta1_zero_no_part_of_an_update_lands_after_its_iteration(tiny_ckpt, beta1):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
+    torch.manual_seed(0)
+    args = online_args(update_epochs=2, num_minibatches=2, adam_beta1=beta1)
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
+                               rng=np.random.default_rng(0))
+    opt = dt_grpo.online_optimizer(model, args)
+    assert dt_grpo.Args().adam_beta1 == 0.0 and opt.defaults["betas"] == (beta1, 0.999)
+    dt_grpo.grpo_update(model, opt, b, args)
+    end = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():  # the next iteration's first step, minus its own gradient
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = sum((p.detach() - q).abs().sum().item() for p, q in zip(model.parameters(), end))
+    assert (moved == 0.0) if beta1 == 0.0 else (moved > 1e-4)
+
+
+def test_reset_states_leave_room_for_a_whole_branch_before_the_time_limit(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    anchor = dt_grpo.Lanes("Hopper-v4", 1, max_episode_steps=15)
+    branches = dt_grpo.Lanes("Hopper-v4", 16 * 2, max_episode_steps=15)
+    args = online_args(num_resets=16, group_size=2, l_traj=3, l_eval=6, anchor_policy="mean")  # 9 steps: t < 6
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+                               rng=np.random.default_rng(0))
+    assert b["anchor_len"] > 6  # the anchor lived past the last step a branch fits after
+    np.testing.assert_array_equal(b["starts"], np.arange(6))  # M 16 > 6 candidates: all of them
+    br = b["branch"]
+    assert ((br["length"] == 9) | br["terminated"]).all()  # no branch was cut by the time limit
+    args.reset_fit = False
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=0,
+                               rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(b["starts"], np.arange(b["anchor_len"]))
+
+
+def test_steps_after_a_branch_ended_enter_neither_the_ratio_nor_the_entropy(tiny_ckpt):
+    model, norm, ck = load_tiny(tiny_ckpt)
+    anchor, branches = dt_grpo.Lanes("Hopper-v4", 1), dt_grpo.Lanes("Hopper-v4", 3 * 4)
+    args = online_args(l_traj=5, reset_sampling="failure", failure_window=3, ent_coef=0.1)  # resets just before a fall
+    b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], 3600.0, reset_seed=1,
+                               rng=np.random.default_rng(0))
+    assert b["anchor"]["terminated"][0]
+    length = torch.as_tensor(b["branch"]["length"])
+    want = (torch.arange(args.l_traj)[None, :] < length[:, None]).float()
+    assert torch.equal(b["mask"], want) and (want == 0).any()  # some branches fell within L_traj
+    rows = torch.arange(len(length))
+    torch.manual_seed(3)
+    loss = dt_grpo.grpo_loss(model, b, rows, args)[0]
+    bad = dict(b, old_logp=b["old_logp"].masked_fill(want == 0, 123.0),
+               win=dict(b["win"], states=b["win"]["states"] + 100.0 * (1 - want)[:, :, None, None]))
+    torch.manual_seed(3)
+    assert dt_grpo.grpo_loss(model, bad, rows, args)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    bad["win"]["states"] = b["win"]["states"] + 100.0 * want[:, :, None, None]  # a live step's input does count
+    torch.manual_seed(3)
+    assert dt_grpo.grpo_loss(model, bad, rows, args)[0].item() != pytest.approx(loss.item(), rel=1e-3)
 
 
 def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
@@ -907,6 +1049,7 @@ def test_smoke_run_writes_tensorboard_and_checkpoint_and_resumes_deterministical
         assert t in tags, t
     ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert ck["env_steps"] >= 300 and ck["grad_steps"] > 0
+    assert ck["optimizer"]["param_groups"][0]["betas"] == (0.0, 0.999)  # the run's Adam is online_optimizer's
     # resume: run 1 iteration, then resume to the same budget: the same evaluations as the uninterrupted run
     c = tmp_path / "c"
     c.mkdir()

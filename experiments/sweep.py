@@ -12,7 +12,7 @@ A grid file (YAML; see experiments/grids/):
     flags: {total-env-steps: 250000} # given to every trial ({env_id} is replaced)
     cells:                           # the rows of the table: each adds flags (and may set `script`)
       reference: {}
-      alive-keep: {alive-bonus: keep}
+      alive-keep: {alive-bonus: 1.0}
     prepare:                         # shell commands run once per robot before its trials, unless `creates` exists
       - {creates: "checkpoints/{env_id}__random.pt", run: "python pretrain.py --env-id {env_id} --torch-threads 1"}
 
