@@ -20,6 +20,8 @@ import torch.nn as nn
 import tyro
 
 import dt_grpo
+from infra.checks import check_ranges
+from infra.run import atomic_save, check_writable, die, make_writer, new_run_dir, seed_everything
 from dt_grpo import UserError
 
 
@@ -46,8 +48,7 @@ class Args:
     context_len: int = 10
     """K: steps of context the DT sees (ODT: 20; 10 halves the cost of every rollout step on a CPU)"""
     attention: Literal["window", "band"] = "window"
-    """window: DT's K-step windows; band: sliding-window attention (each token sees the 3K-1 before it, in every
-    layer), trained on windows of n_layer * K + 1 steps, so that rollouts can use an exact KV cache (README)"""
+    """window: DT's K-step windows; band: sliding-window attention with an exact KV cache (infra/band.py)"""
     embed_dim: int = 128
     """transformer width"""
     n_layer: int = 3
@@ -59,8 +60,7 @@ class Args:
     max_ep_len: int = 1000
     """largest DT timestep (the episode time limit)"""
     time_embed: bool = False
-    """if toggled, add DT/ODT's absolute timestep embedding (off by default: random data never reach t > 132, so
-    the rows of later timesteps stay random and the pretrained DT fails there; README, implementation details)"""
+    """if toggled, add DT's absolute timestep embedding (off: random data never reach late timesteps)"""
     reward_scale: float = 0.001
     """returns-to-go are multiplied by this before they enter the model"""
     num_steps: int = 2000
@@ -283,7 +283,7 @@ class WindowSampler:
 # ---------------------------------------------------------------------------------------------------
 def check_args(args: Args):
     """Every flag's range, before any work: one error line instead of a traceback after training."""
-    dt_grpo.check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
+    check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
                                     num_steps=1, batch_size=1, warmup_steps=1, eval_episodes=1, log_every=1,
                                     torch_threads=0, weight_decay=0, dropout=0),
                          positive=("learning_rate", "temperature_lr", "init_temperature", "max_grad_norm",
@@ -319,13 +319,13 @@ def default_output(args: Args, data_id: str) -> str:
 def main(args: Args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    dt_grpo.seed_everything(args.seed)
+    seed_everything(args.seed)
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     env = dt_grpo.make_env(args.env_id)
     output = args.output or default_output(args, dataset_id(args))
-    dt_grpo.check_writable(os.path.dirname(os.path.abspath(output)))
-    dt_grpo.check_writable("runs")
+    check_writable(os.path.dirname(os.path.abspath(output)))
+    check_writable("runs")
     eps, source = load_dataset(args)
     all_obs = np.concatenate([e["observations"] for e in eps])
     obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-6
@@ -344,15 +344,15 @@ def main(args: Args):
                               n_layer=args.n_layer, n_head=args.n_head, context_len=args.context_len,
                               max_ep_len=args.max_ep_len, dropout=args.dropout, time_embed=args.time_embed,
                               attention=args.attention)
-    model = dt_grpo.DecisionTransformer(cfg).to(device)
+    model = dt_grpo.make_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     log_temp = torch.tensor(np.log(args.init_temperature), device=device, requires_grad=True)
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
     target_entropy = -cfg.act_dim
 
-    run_dir = os.path.join("runs", dt_grpo.new_run_dir(args))
-    writer = dt_grpo.make_writer(run_dir, args)
+    run_dir = os.path.join("runs", new_run_dir(args))
+    writer = make_writer(run_dir, args)
     try:
         out = train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler,
                              writer, env, dict(obs_mean=obs_mean, obs_std=obs_std, model_config=asdict(cfg),
@@ -422,7 +422,7 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
     writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
-    dt_grpo.atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
+    atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
                              reward_scale=args.reward_scale, eval_return=float(returns.mean()),
                              temperature=log_temp.exp().item()), output)
     print(f"checkpoint written to {output}")
@@ -435,6 +435,6 @@ if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except UserError as e:
-        dt_grpo.die(str(e), e.code)
+        die(str(e), e.code)
     except KeyboardInterrupt:
-        dt_grpo.die("interrupted; pretraining writes its checkpoint only at the end, so nothing was written", 130)
+        die("interrupted; pretraining writes its checkpoint only at the end, so nothing was written", 130)

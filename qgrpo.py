@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dt_grpo
-from dt_grpo import UserError
+from infra.checks import check_args as check_grpo_args
+from infra.checks import check_ranges
+from infra.run import Run, UserError, cli
 
 
 @dataclass
@@ -27,11 +29,9 @@ class Args(dt_grpo.Args):
     reset_sampling: Literal["variance", "proportional", "uniform", "failure"] = "proportional"
     """how states are drawn along the rollouts (QGRPO keeps p ~ var, the rule its defaults were tuned with)"""
     num_rollouts: int = 64
-    """episodes collected per iteration, in lock-step, from fresh resets (64: a policy update every ~3k env steps,
-    as in reset-mode GRPO-DT; with 8 the action std collapsed on critic noise: README, QGRPO results)"""
+    """episodes collected per iteration, in lock-step, from fresh resets"""
     num_resets: int = 64
-    """M: states per iteration, drawn along the rollouts, whose G candidates the critic scores (no simulation, so
-    M = 64 gives an update 512 candidates at no env-step cost)"""
+    """M: states per iteration, drawn along the rollouts, whose G candidates the critic scores"""
     critic_lr: float = 3e-4
     """Adam learning rate of the twin Q-networks"""
     gamma: float = 0.99
@@ -49,9 +49,7 @@ class Args(dt_grpo.Args):
     buffer_size: int = 1_000_000
     """replay capacity in transitions (with --target-action policy each also stores its K-step context: ~0.7 kB)"""
     target_action: Literal["recorded", "policy"] = "recorded"
-    """TD target action at s': the DT's mean action recorded when the transition was collected (Q of the mixture of
-    past policies in the replay), or the current DT's mean action recomputed from the stored context of s' (Q of
-    the policy the critic scores for)"""
+    """TD target action at s': the mean action recorded at collection, or the current DT's"""
     critic_reward_scale: float = 1.0
     """rewards are multiplied by this in the TD target (Hopper's Q of tens to hundreds becomes ~0.1-1 at 0.01)"""
     critic_warmup: int = 0
@@ -59,8 +57,8 @@ class Args(dt_grpo.Args):
 
 
 def check_args(args: Args):
-    dt_grpo.check_args(args)
-    dt_grpo.check_ranges(args, dict(num_rollouts=1, critic_batch_size=1, buffer_size=1, critic_utd=0, policy_noise=0,
+    check_grpo_args(args)
+    check_ranges(args, dict(num_rollouts=1, critic_batch_size=1, buffer_size=1, critic_utd=0, policy_noise=0,
                                     noise_clip=0, critic_warmup=0),
                          positive=("critic_lr", "tau", "critic_reward_scale"))
     if not 0 <= args.gamma <= 1 or args.tau > 1:
@@ -197,12 +195,12 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
     lane_of = np.concatenate([np.full(n_b, b) for b, n_b in enumerate(out["length"])])
     step_of = np.concatenate([np.arange(n_b) for n_b in out["length"]])
     var = np.concatenate([out["var"][b, :n_b] for b, n_b in enumerate(out["length"])])
-    pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng, beta=args.reset_beta)  # ("failure" acts as "variance" here)
+    pick = dt_grpo.sample_reset_indices(var, M, args.reset_sampling, rng, beta=args.reset_beta)  # failure: variance
     lane, step = np.repeat(lane_of[pick], G), np.repeat(step_of[pick], G)
     # 3. Candidates: the inputs that acted at (lane, step), G samples from its distribution.
     gather = torch.as_tensor(step[:, None] + np.arange(K), device=device)
     ctx = {k: v[torch.as_tensor(lane, device=device)[:, None], gather] for k, v in out["buf"].items()}
-    win = dt_grpo.action_inputs(model, ctx, 1)  # dt_grpo's layout of one action per row
+    win = model.action_inputs(ctx, 1)  # dt_grpo's layout of one action per row
     with torch.no_grad():
         mean, log_std = model.act_dist(ctx)
         cand = dt_grpo.sample_action(mean, log_std)
@@ -211,14 +209,14 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
         q = torch.min(*critic(ctx["states"][:, -1], cand)).reshape(-1, G).cpu().numpy()
     adv = dt_grpo.group_advantages(q, args.adv_eps, args.adv_norm, args.adv_std_floor).reshape(-1).to(device)
     keep = torch.as_tensor(np.repeat(q.std(1) > args.min_group_std, G), device=device)
-    return dict(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device),
-                old_logp=old_logp[:, None], adv=adv, keep=keep, R=q, anchor_len=int(out["length"].max()),
-                anchor_return=float(out["rewards"].sum(1).mean()), env_steps=int(out["length"].sum()),
-                critic_loss=critic_loss)
+    return dt_grpo.Batch(win=win, actions=cand[:, None], mask=torch.ones(len(cand), 1, device=device),
+                         old_logp=old_logp[:, None], adv=adv, keep=keep,
+                         info=dict(R=q, anchor_len=int(out["length"].max()), env_steps=int(out["length"].sum()),
+                                   anchor_return=float(out["rewards"].sum(1).mean()), critic_loss=critic_loss))
 
 
 def main(args: Args):
-    run = dt_grpo.Run(args, check=check_args)
+    run = Run(args, check_args)
     model, device = run.model, run.device
     critic, critic_targ = TwinQ(model.obs_dim, model.act_dim).to(device), TwinQ(model.obs_dim, model.act_dim).to(device)
     critic_targ.load_state_dict(critic.state_dict())
@@ -231,13 +229,22 @@ def main(args: Args):
         seed, rng = run.next_iteration()
         batch = collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay, args, run.norm, run.scale,
                                       run.target_rtg, seed, rng)
-        if run.env_steps + batch["env_steps"] <= args.critic_warmup:  # the critic learns alone at first
+        if run.env_steps + batch.info["env_steps"] <= args.critic_warmup:  # the critic learns alone at first
             stats, n_bad = {}, 0
         else:
             stats, n_bad = dt_grpo.grpo_update(model, run.optimizer, batch, args)  # steps 5-6, shared with GRPO-DT
-        run.end_iteration(batch, stats, n_bad, scalars={"losses/critic_loss": batch["critic_loss"]})
+        run.check_finite(stats, n_bad)
+        s = {k: v.max() if k == "ratio_max" else v.mean() for k, v in stats.items()}
+        s = dict(zip(s, torch.stack(list(s.values())).tolist())) if s else {}  # one host sync per iteration
+        q, info = batch.info["R"], batch.info
+        run.log_iteration(info["env_steps"], len(stats.get("policy_loss", [])), {
+            "charts/anchor_return": info["anchor_return"], "charts/anchor_length": info["anchor_len"],
+            "charts/group_return_mean": q.mean(), "charts/group_return_std": q.std(1).mean(),
+            "losses/critic_loss": info["critic_loss"], **{f"losses/{k}": v for k, v in s.items()}},
+            f"critic_loss {info['critic_loss']:.4f} q {q.mean():.2f}+-{q.std(1).mean():.2f} kl "
+            f"{s.get('approx_kl', float('nan')):.4f} std {s.get('action_std', float('nan')):.3f}")
     run.finish(lanes)
 
 
 if __name__ == "__main__":
-    dt_grpo.cli(main, Args)
+    cli(main, Args)

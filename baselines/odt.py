@@ -21,6 +21,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dt_grpo  # noqa: E402
+from infra.checks import check_ranges  # noqa: E402
+from infra.run import Run, cli  # noqa: E402
 import pretrain  # noqa: E402
 from dt_grpo import UserError  # noqa: E402
 
@@ -58,7 +60,7 @@ class Args(dt_grpo.RunArgs):
 
 
 def check_args(args: Args):
-    dt_grpo.check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
+    check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
                                     batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0),
                          positive=("learning_rate", "max_grad_norm", "init_temperature", "temperature_lr",
                                    "max_wall_minutes"))
@@ -126,7 +128,7 @@ def load_offline(args: Args, run):
 
 
 def main(args: Args):
-    run = dt_grpo.Run(args, check=check_args, make_optimizer=lambda m: torch.optim.AdamW(
+    run = Run(args, check=check_args, make_optimizer=lambda m: torch.optim.AdamW(
         m.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay))
     model, norm, scale, device = run.model, run.norm, run.scale, run.device
     temperature = Temperature(run.loaded.get("temperature", args.init_temperature)).to(device)
@@ -169,4 +171,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    dt_grpo.cli(main, Args)
+    cli(main, Args)

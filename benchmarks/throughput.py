@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dt_grpo  # noqa: E402
+from infra.run import default_checkpoint, load_checkpoint  # noqa: E402
 import pretrain  # noqa: E402
 
 ALGO_FLAGS = ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches")  # the ones this benchmark varies
@@ -63,13 +64,13 @@ def env_only_rate(env_id, n_envs, steps, workers, seed=0):
 def model_and_norm(env_id, cfg=None, path=None):
     """The pretrained policy at `path` (default checkpoints/<env>__random.pt) if it exists, else a freshly
     initialised DT of pretrain.py's default size (with the overrides in cfg)."""
-    path = path or dt_grpo.default_checkpoint(env_id)
+    path = path or default_checkpoint(env_id)
     if cfg is None and os.path.isfile(path):
-        return (*dt_grpo.load_policy(dt_grpo.load_checkpoint(path, env_id)), f"checkpoint {path}")
+        return (*dt_grpo.load_policy(load_checkpoint(path, env_id)), f"checkpoint {path}")
     env = dt_grpo.make_env(env_id)
     d = pretrain.Args()
     cfg = {**dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len), **(cfg or {})}
-    model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
+    model = dt_grpo.make_model(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
                                                             dropout=0.0, time_embed=d.time_embed, **cfg))
     return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
 
@@ -105,11 +106,10 @@ def rollout_profile(model, norm, env_id, a):
                       np.full(B, a.l_traj + a.l_eval), norm, 0.001)
     prof.disable()
     st = pstats.Stats(prof).stats  # key (file, line, name) -> (cc, nc, tottime, cumtime, callers)
-    policy = {(f.__name__, inspect.getsourcelines(f)[1]) for f in (dt_grpo.DecisionTransformer.forward,
-                                                                  dt_grpo.DecisionTransformer.step_cached,
-                                                                  dt_grpo.DecisionTransformer.cache_from)}
+    policy = {(inspect.getsourcefile(f), inspect.getsourcelines(f)[1], f.__name__)  # the model's side of a rollout
+              for f in (type(model).rollout_start, type(model).rollout_step)}
     total = max(v[3] for k, v in st.items() if k[2] == "run_lanes")
-    fwd = sum(v[3] for k, v in st.items() if (k[2], k[1]) in policy and k[0].endswith("dt_grpo.py"))
+    fwd = sum(v[3] for k, v in st.items() if k in policy)
     sim = sum(v[3] for k, v in st.items() if k[2] == "step" and "envs/mujoco" in k[0])
     return total, fwd, sim
 
@@ -123,14 +123,14 @@ def grpo_update_seconds(model, norm, env_id, a, steps):
     run(1)  # warm-up
     t = time.perf_counter()
     stats, _ = run(steps)
-    return (time.perf_counter() - t) / max(len(stats.get("policy_loss", [])), 1), batch["actions"].shape
+    return (time.perf_counter() - t) / max(len(stats.get("policy_loss", [])), 1), batch.actions.shape
 
 
 def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps, split=False):
     """Median seconds of one pretraining step (forward, backward, clip, AdamW); with split, also the shares of the
     step's CPU time in matrix products and in dropout's random masks (torch.profiler over the timed steps)."""
     torch.manual_seed(0)
-    model = dt_grpo.DecisionTransformer(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).train()
+    model = dt_grpo.make_model(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     K = cfg["context_len"]
     b = dict(rtg=torch.randn(batch_size, K, 1), states=torch.randn(batch_size, K, obs_dim),
@@ -168,7 +168,7 @@ def forward_ms(model, B, repeats=20):
                actions=torch.rand(B, K, model.act_dim) * 2 - 1, timesteps=torch.zeros(B, K, dtype=torch.long),
                valid=torch.ones(B, K, dtype=torch.bool))
     with torch.inference_mode():
-        if model.band:
+        if hasattr(model, "step_cached"):  # band attention (infra/band.py)
             cache = model.cache_from({k: v[:, :-1] for k, v in win.items()})
             step = lambda: model.step_cached(cache, *(win[k][:, -2] for k in ("actions", "timesteps", "valid")),  # noqa
                                              *(win[k][:, -1] for k in ("rtg", "states", "timesteps")))
@@ -224,7 +224,7 @@ def main():
     env_rate = {w: env_only_rate(a.env_id, B, cli.steps, w) for w in workers}
     rows += [(f"1. env-only: dt_grpo.Lanes, random actions, --sim-workers {w}", f"{env_rate[w]:,.0f} steps/s")
              for w in workers]
-    band_path = cli.band_checkpoint or dt_grpo.default_checkpoint(a.env_id).replace(".pt", "__band.pt")
+    band_path = cli.band_checkpoint or default_checkpoint(a.env_id).replace(".pt", "__band.pt")
     policies = dict(window=model_and_norm(a.env_id), band=model_and_norm(a.env_id, path=band_path))
     if policies["band"][2] == "fresh model":
         policies["band"] = model_and_norm(a.env_id, cfg=dict(attention="band"))

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dt_grpo  # noqa: E402
+from infra.run import run_args  # noqa: E402
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     torch.set_num_threads(1)
     ck = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     # the run's own flags; a pretraining checkpoint has none of dt_grpo's, so its defaults apply
-    args = dt_grpo.run_args(ck) or dt_grpo.Args(env_id=ck["env_id"])
+    args = run_args(ck, dt_grpo.Args) or dt_grpo.Args(env_id=ck["env_id"])
     if a.l_eval is not None:
         args.l_eval = a.l_eval
     model, norm = dt_grpo.load_policy(ck)
@@ -45,15 +46,15 @@ def main():
         torch.manual_seed(a.seed + it)
         b = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], target,
                                    reset_seed=a.seed + it, rng=rng)
-        m, G = b["R"].shape
-        lanes = np.repeat(b["starts"], G)
-        x0 = b["anchor"]["qpos"][lanes, 0]
+        m, G = b.info["R"].shape
+        lanes = np.repeat(b.info["starts"], G)
+        x0 = b.info["anchor"]["qpos"][lanes, 0]
         x1 = branches.x_position()[: m * G]
-        length = b["branch"]["length"].astype(float)
-        R = b["branch"]["rewards"].sum(1)
+        length = b.info["branch"]["length"].astype(float)
+        R = b.info["branch"]["rewards"].sum(1)
         fwd = (x1 - x0) / u.dt * getattr(u, "_forward_reward_weight", 1.0)
         alive = healthy * length
-        for k, v in (("R", R), ("healthy", alive), ("forward", fwd), ("ctrl", alive + fwd - R), ("score", b["R"])):
+        for k, v in (("R", R), ("healthy", alive), ("forward", fwd), ("ctrl", alive + fwd - R), ("score", b.info["R"])):
             parts[k].append(v.reshape(m, G))
     parts = {k: np.concatenate(v) for k, v in parts.items()}
     R = parts["R"]

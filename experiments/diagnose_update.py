@@ -21,6 +21,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dt_grpo  # noqa: E402
+from infra.run import iteration_seed, load_checkpoint, seed_everything  # noqa: E402
 
 
 @dataclass
@@ -36,10 +37,10 @@ def flat(model):
 
 
 def all_kl(model, batch, args):
-    rows = torch.arange(batch["actions"].shape[0])
+    rows = torch.arange(batch.actions.shape[0])
     with torch.no_grad():
         new = dt_grpo.recompute_log_prob(model, batch, rows)[0]
-    _, st = dt_grpo.policy_loss(new, batch["old_logp"], batch["mask"], batch["adv"], args.clip_eps, args.ratio)
+    _, st = dt_grpo.policy_loss(new, batch.old_logp, batch.mask, batch.adv, args.clip_eps, args.ratio)
     return float(st["approx_kl"]), float(st["clipfrac"])
 
 
@@ -47,8 +48,8 @@ def main(args: Args):
     if args.checkpoint is None:
         raise SystemExit("error: pass --checkpoint (a pretrained checkpoint, e.g. checkpoints/Hopper-v4__random.pt)")
     torch.set_num_threads(max(args.torch_threads, 1))
-    dt_grpo.seed_everything(args.seed)
-    ck = dt_grpo.load_checkpoint(args.checkpoint, args.env_id)
+    seed_everything(args.seed)
+    ck = load_checkpoint(args.checkpoint, args.env_id)
     model, norm = dt_grpo.load_policy(ck)
     make = getattr(dt_grpo, "online_optimizer", None)
     opt = make(model, args) if make else torch.optim.Adam(model.parameters(), lr=args.learning_rate)
@@ -58,19 +59,19 @@ def main(args: Args):
           "| logged approx_kl | var max/min | ESS/T | max p x T | resets near limit | anchor length")
     rows = []
     for it in range(1, args.iterations + 1):
-        seed = dt_grpo.iteration_seed(args.seed, it)
-        dt_grpo.seed_everything(seed)
+        seed = iteration_seed(args.seed, it)
+        seed_everything(seed)
         rng = np.random.default_rng([args.seed, it])
         batch = dt_grpo.collect_groups(model, anchor, branches, args, norm, ck["reward_scale"], target, seed, rng)
-        T = batch["anchor_len"]
+        T = batch.info["anchor_len"]
         fits = max(1, min(T, anchor.horizon - args.l_traj - args.l_eval)) if getattr(args, "reset_fit", False) else T
-        var = batch["anchor"]["var"][0, :fits]
+        var = batch.info["anchor"]["var"][0, :fits]
         if hasattr(dt_grpo, "reset_probs"):
             mode = "variance" if args.reset_sampling == "failure" else args.reset_sampling
             p = dt_grpo.reset_probs(var, mode, args.reset_beta)
         else:  # the rule before reset_probs existed: p ~ var
             p = (var + 1e-12) / (var + 1e-12).sum()
-        near = float(np.mean(batch["starts"] + args.l_traj + args.l_eval > anchor.horizon))
+        near = float(np.mean(batch.info["starts"] + args.l_traj + args.l_eval > anchor.horizon))
         theta0 = flat(model)
         stats, _ = dt_grpo.grpo_update(model, opt, batch, args)
         theta1 = flat(model)

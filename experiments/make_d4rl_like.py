@@ -26,6 +26,8 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dt_grpo  # noqa: E402
+from infra.checks import check_ranges  # noqa: E402
+from infra.run import check_writable, die  # noqa: E402
 from dt_grpo import UserError  # noqa: E402
 
 # Deterministic-evaluation return band of the "medium" snapshot, per robot: about D4RL's medium returns
@@ -179,7 +181,7 @@ def collect(args, path_model, path_medium, sac_attrs):
 
 
 def main(args: Args):
-    dt_grpo.check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, collect_steps=1,
+    check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, collect_steps=1,
                                     learning_starts=0, torch_threads=1), positive=())
     band = args.band or BANDS.get(dt_grpo.robot(args.env_id))
     if band is None:
@@ -192,7 +194,7 @@ def main(args: Args):
         raise UserError("stable-baselines3 is missing; run: pip install -r experiments/requirements.txt")
     torch.set_num_threads(args.torch_threads)
     dt_grpo.make_env(args.env_id).close()  # a bad --env-id fails here, in one line
-    dt_grpo.check_writable(args.data_dir)
+    check_writable(args.data_dir)
     stem = os.path.join(args.data_dir, f"{args.env_id}__{{}}__seed{args.seed}")
     path_model, path_replay, path_medium = stem.format("sac") + ".zip", stem.format("medium-replay") + ".hdf5", \
         stem.format("medium") + ".hdf5"
@@ -215,6 +217,6 @@ if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except UserError as e:
-        dt_grpo.die(str(e), e.code)
+        die(str(e), e.code)
     except KeyboardInterrupt:
-        dt_grpo.die("interrupted; finished files are kept in --data-dir, the unfinished one is not written", 130)
+        die("interrupted; finished files are kept in --data-dir, the unfinished one is not written", 130)
