@@ -184,8 +184,9 @@ def collect_critic_groups(model, lanes, critic, critic_targ, critic_opt, replay,
     n = len(lanes)
     # 1. Rollouts: sampled actions, intended RTG tokens, n episodes in lock-step; their transitions train the critic.
     obs = lanes.reset([reset_seed * 100 + i for i in range(n)])
-    out = dt_grpo.run_lanes(model, lanes, obs, np.full(n, target_rtg * scale), np.zeros(n, np.int64), model.max_ep_len,
-                            np.full(n, lanes.horizon), norm, scale)
+    out = dt_grpo.run_lanes(model, lanes, first_obs=obs, rtg0=np.full(n, target_rtg * scale), t0=np.zeros(n, np.int64),
+                            n_sample=model.max_ep_len, max_steps=np.full(n, lanes.horizon), norm=norm,
+                            reward_scale=scale)
     tr = rollout_transitions(out, K)
     replay.add(**tr)
     alive = (1.0 - args.alive_bonus) * lanes.healthy_reward

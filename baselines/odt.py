@@ -106,8 +106,9 @@ def explore(model, lanes, norm, scale, online_rtg, seed, generator):
     n = len(lanes)
     obs = lanes.reset([seed + i for i in range(n)])
     horizon = np.full(n, lanes.horizon)
-    out = dt_grpo.run_lanes(model, lanes, obs, np.full(n, online_rtg * scale), np.zeros(n, np.int64), int(horizon[0]),
-                            horizon, norm, scale, generator=generator)
+    out = dt_grpo.run_lanes(model, lanes, first_obs=obs, rtg0=np.full(n, online_rtg * scale), t0=np.zeros(n, np.int64),
+                            n_sample=int(horizon[0]), max_steps=horizon, norm=norm, reward_scale=scale,
+                            generator=generator)
     P = model.input_steps - 1
     states = out["buf"]["states"][:, P:].cpu().numpy() * norm.std + norm.mean  # back to raw observations
     actions = out["buf"]["actions"][:, P:].cpu().numpy()
