@@ -822,6 +822,10 @@ def test_bad_pretrain_flags_fail_before_any_work(tmp_path, flags, word):
                                         (["--eval-rtg", "inf"], "--eval-rtg"),
                                         (["--total-env-steps", "-5"], "--total-env-steps"),
                                         (["--torch-threads", "-1"], "--torch-threads"),
+                                        (["--seed", "-1"], "--seed"), (["--sim-workers", "-2"], "--sim-workers"),
+                                        (["--adam-beta1", "1.0"], "--adam-beta1"),
+                                        (["--alive-bonus", "2"], "--alive-bonus"),
+                                        (["--reset-beta", "-1"], "--reset-beta"),
                                         (["--checkpoint", "."], "is a folder")])
 def test_bad_finetuning_flags(tmp_path, flags, word):
     p = run("dt_grpo.py", *flags, cwd=tmp_path, expect=2)

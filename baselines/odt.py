@@ -61,7 +61,8 @@ class Args(dt_grpo.RunArgs):
 
 def check_args(args: Args):
     check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
-                                    batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0),
+                                    batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0,
+                                    seed=0, sim_workers=0),
                          positive=("learning_rate", "max_grad_norm", "init_temperature", "temperature_lr",
                                    "max_wall_minutes"))
 

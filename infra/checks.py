@@ -27,7 +27,7 @@ def check_args(args):
     check_ranges(args, dict(group_size=2, num_resets=1, l_traj=1, l_eval=0, l_eval_start=0, l_eval_ramp=1,
                             eval_every=1, eval_episodes=1, update_epochs=1, num_minibatches=1, failure_window=1,
                             total_env_steps=1, torch_threads=0, adv_eps=0, ent_coef=0, continuation_temp=0,
-                            reset_beta=0),
+                            reset_beta=0, seed=0, sim_workers=0, max_nonfinite=1),
                  positive=("learning_rate", "clip_eps", "max_grad_norm", "adv_std_floor", "target_kl",
                            "max_wall_minutes"))
     if not 0 < args.score_gamma <= 1:
