@@ -1413,6 +1413,7 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     lo, hi = map(float, row[3].split("[")[1].rstrip("]").split(","))
     assert 10.0 <= lo < 25.0 < hi <= 40.0  # a bootstrap interval inside the seeds' range
     assert row[6] == "10.0, 20.0, 30.0, 40.0" and row[7] == "300" and row[8] == "30" and row[9].startswith("3.0")
+    assert row[10] == "10.0 |"  # late drop: at step 300, final below the mean of final/2 and 2 final; worst seed 40
     assert report.load(runs[0], max_steps=150)["score"].tolist() == [5.0, 5.0]  # same-budget cut
     diag = [ln for ln in (tmp_path / "out.md").read_text().splitlines() if "hand" in ln][1]
     assert diag == "| Hopper-v4 hand | 7.5 |"  # the only diagnostic logged: action std

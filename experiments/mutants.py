@@ -70,7 +70,7 @@ def main(names):
         path, line, broken = MUTANTS[name]
         with tempfile.TemporaryDirectory() as tmp:
             for f in os.listdir(ROOT):
-                if f.endswith(".py") or f in ("baselines", "experiments", "benchmarks"):
+                if f.endswith(".py") or f in ("baselines", "experiments", "benchmarks", "infra"):
                     src = os.path.join(ROOT, f)
                     (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, f))
             text = open(os.path.join(tmp, path)).read()
@@ -82,7 +82,13 @@ def main(names):
         failed = [w for w in p.stdout.split() if w.startswith("test_dt_grpo.py::")]
         if p.returncode == 0:
             survived.append(name)
-        print(f"{name:32s} {'caught by ' + failed[0].split('::')[1] if failed else 'SURVIVED'}", flush=True)
+            verdict = "SURVIVED"
+        elif p.returncode == 1 and failed:
+            verdict = "caught by " + failed[0].split("::")[1]
+        else:  # not a failing test: the copy or the suite is broken, which says nothing about the mutant
+            survived.append(name)
+            verdict = f"ERROR (pytest exit {p.returncode}): {p.stdout.strip().splitlines()[-1:]}"
+        print(f"{name:32s} {verdict}", flush=True)
     sys.exit(1 if survived else 0)
 
 

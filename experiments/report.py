@@ -6,8 +6,9 @@
 Runs are grouped by robot and experiment name (runs/<env>__<exp-name>__<seed>__<time>; with --grid, the newest
 run of every trial of the grid). Per group the table gives the normalized score before finetuning, at the last
 evaluation, at the best, and the mean of the last 3 evaluations, each as the interquartile mean (IQM) over seeds
-with its 95% stratified-bootstrap confidence interval (rliable), the per-seed last scores, and the mean env steps,
-grad steps and wall time. The figure per robot: IQM (line) and 95% CI (band) of the score against env steps and
+with its 95% stratified-bootstrap confidence interval (rliable), the per-seed last scores, the mean env steps,
+grad steps and wall time, and the largest late drop (the worst seed's largest fall of an evaluation in the last
+third of the run below the running mean of the evaluations before it). The figure per robot: IQM (line) and 95% CI (band) of the score against env steps and
 against wall time. --max-env-steps keeps only evaluations at or below a budget (same-budget comparisons).
 """
 
@@ -69,12 +70,20 @@ def iqm_ci(values, reps=2000):
     return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
 
 
+def late_drop(r):
+    """The largest fall of an evaluation in the last third of the run's env steps below the running mean of the
+    finetuning evaluations before it (0 when none falls): a late collapse shows here, not in "last"."""
+    steps, score = r["steps"][1:], r["score"][1:]
+    drops = [score[:i].mean() - score[i] for i in range(1, len(score)) if steps[i] >= 2 * steps[-1] / 3]
+    return max([0.0, *drops])
+
+
 def table(groups):
     cols = dict(before=lambda r: r["score"][0], last=lambda r: r["score"][-1],
                 best=lambda r: r["score"][1:].max() if len(r["score"]) > 1 else r["score"][0],
                 last3=lambda r: r["score"][1:][-3:].mean() if len(r["score"]) > 1 else r["score"][0])
     rows = ["| experiment | seeds | before | last | best | mean of last 3 | last, per seed | env steps | grad steps "
-            "| wall (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| wall (min) | largest late drop |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (env, exp), runs in groups.items():
         cells = []
         for f in cols.values():
@@ -83,7 +92,7 @@ def table(groups):
         per_seed = ", ".join(f"{r['score'][-1]:.1f}" for r in runs)
         rows.append(f"| {env} {exp} | {len(runs)} | {' | '.join(cells)} | {per_seed} | "
                     f"{np.mean([r['steps'][-1] for r in runs]):.0f} | {np.mean([r['grad_steps'] for r in runs]):.0f} | "
-                    f"{np.mean([r['wall'][-1] for r in runs]) / 60:.1f} |")
+                    f"{np.mean([r['wall'][-1] for r in runs]) / 60:.1f} | {max(late_drop(r) for r in runs):.1f} |")
     return "\n".join(rows)
 
 
