@@ -8,8 +8,9 @@ run of every trial of the grid). Per group the table gives the normalized score 
 evaluation, at the best, and the mean of the last 3 evaluations, each as the interquartile mean (IQM) over seeds
 with its 95% stratified-bootstrap confidence interval (rliable), the per-seed last scores, the mean env steps,
 grad steps and wall time, and the largest late drop (the worst seed's largest fall of an evaluation in the last
-third of the run below the running mean of the evaluations before it). The figure per robot: IQM (line) and 95% CI (band) of the score against env steps and
-against wall time. --max-env-steps keeps only evaluations at or below a budget (same-budget comparisons).
+third of the run below the running mean of the evaluations before it). The figure per robot: IQM (line) and 95%
+CI (band) of the score against env steps and against wall time. --max-env-steps keeps only evaluations at or below
+a budget (same-budget comparisons).
 """
 
 import argparse
