@@ -1178,7 +1178,7 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
         calls.append(cmd)
         return real(cmd + ["--dataset-steps", "500", "--num-steps", "3", "--eval-episodes", "1", *TINY_MODEL], **kw)
 
-    monkeypatch.setattr(dt_grpo.subprocess, "run", shrunk)
+    monkeypatch.setattr(infra_run.subprocess, "run", shrunk)
     dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", seed=7, total_env_steps=30, group_size=2, num_resets=2, l_traj=2,
                               l_eval=2, eval_episodes=1, cuda=False))
     assert len(calls) == 1 and calls[0][1].endswith("pretrain.py") and "--seed" not in calls[0]
