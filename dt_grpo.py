@@ -71,6 +71,8 @@ class RunArgs:
     """deterministic evaluation episodes, from start states drawn afresh at every evaluation"""
     sim_workers: int = 0
     """worker processes that step the rollout lanes in parallel (0: all in this process; same numbers)"""
+    rollout_context: Optional[int] = None
+    """steps of context (at most K) the DT acts on in rollouts and evaluation (default K; ODT: 5)"""
 
 
 @dataclass
@@ -407,12 +409,13 @@ def load_policy(ckpt: dict, device="cpu"):
 # ---------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def run_lanes(model, lanes: Lanes, first_obs, rtg0, t0, n_sample, max_steps, norm: Normalizer, reward_scale,
-              prefix=None, generator=None, record_state=False, frames=None, cont_temp=0.0, noise_group=None):
+              prefix=None, generator=None, record_state=False, frames=None, cont_temp=0.0, noise_group=None,
+              act_noise=0.0):
     """Step lanes 0..B-1 of `lanes` in lock-step, B = len(first_obs). Lane b starts at observation first_obs[b], DT
     timestep t0[b] and return-to-go rtg0[b] (scaled); it samples its first `n_sample` actions from pi, then takes
     the mean action (or, with cont_temp > 0, tanh(mean + cont_temp * std * z) with one z per step shared by the
-    lanes of one noise_group: common random numbers). It stops on termination, after max_steps[b] steps, or at
-    the env's time limit.
+    lanes of one noise_group: common random numbers; with act_noise > 0, plus N(0, act_noise^2) noise, clipped).
+    It stops on termination, after max_steps[b] steps, or at the env's time limit.
 
     The DT inputs live in buffers of P + S slots per lane, P = W - 1: the first P slots hold the `prefix` (the
     context a branch inherits from the anchor; padding for a fresh episode), step j sits at slot P + j."""
@@ -460,6 +463,8 @@ def run_lanes(model, lanes: Lanes, first_obs, rtg0, t0, n_sample, max_steps, nor
             act = torch.tanh(mean + cont_temp * log_std.exp() * z[torch.as_tensor(noise_group[live], device=device)])
         else:
             act = torch.tanh(mean)
+            if act_noise > 0:
+                act = (act + act_noise * torch.randn(act.shape, generator=generator, device=device)).clamp(-1, 1)
         buf["actions"][idx, P + j] = act
         # one device-to-host copy per step: action taken, mean action, action variance sigma^2 (mean over dims)
         host = torch.cat([act, torch.tanh(mean), (2 * log_std).exp().mean(-1, keepdim=True)], -1).cpu().numpy()

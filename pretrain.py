@@ -67,10 +67,12 @@ class Args:
     """gradient steps"""
     batch_size: int = 64
     """windows per batch"""
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """adamw (this quick recipe) or lamb (ODT's: with --learning-rate 1e-4 --weight-decay 5e-4 --warmup-steps 10000)"""
     learning_rate: float = 3e-4
-    """AdamW learning rate after warm-up"""
+    """learning rate after warm-up"""
     weight_decay: float = 1e-4
-    """AdamW weight decay"""
+    """weight decay"""
     warmup_steps: int = 300
     """linear learning-rate warm-up"""
     max_grad_norm: float = 0.25
@@ -126,16 +128,17 @@ def generate_random_dataset(env_id, steps, seed, path):
             os.remove(tmp)
 
 
-def split_episodes(obs, act, rew, ends, qpos=None, qvel=None):
+def split_episodes(obs, act, rew, ends, qpos=None, qvel=None, terminals=None):
     """Flat arrays -> list of episode dicts; an episode ends where `ends` (terminal or timeout) is set; an
-    unfinished tail is kept as a (truncated) episode."""
+    unfinished tail is kept as a (truncated) episode. `terminated`: its last step was terminal (not a time limit)."""
     cut = np.flatnonzero(ends) + 1
     tail = [len(obs)] if len(cut) == 0 or cut[-1] != len(obs) else []
     bounds = np.concatenate([[0], cut, tail]).astype(np.int64)
     eps = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
-            ep = dict(observations=obs[a:b], actions=act[a:b], rewards=rew[a:b])
+            ep = dict(observations=obs[a:b], actions=act[a:b], rewards=rew[a:b],
+                      terminated=bool(terminals is not None and terminals[b - 1]))
             if qpos is not None:
                 ep["qpos"], ep["qvel"] = qpos[a:b], qvel[a:b]
             eps.append(ep)
@@ -146,14 +149,14 @@ def read_d4rl(f):
     """D4RL v2 layout: flat `observations, actions, rewards, terminals, timeouts`, optional infos/qpos, infos/qvel."""
     g = lambda k: f[k][()]  # noqa: E731
     obs, act, rew = g("observations").astype(np.float32), g("actions").astype(np.float32), g("rewards").reshape(-1)
-    ends = g("terminals").reshape(-1).astype(bool)
+    terminals = ends = g("terminals").reshape(-1).astype(bool)
     if "timeouts" in f:
         ends = ends | g("timeouts").reshape(-1).astype(bool)
     lengths = {"observations": len(obs), "actions": len(act), "rewards": len(rew), "terminals/timeouts": len(ends)}
     if len(set(lengths.values())) > 1:
         raise UserError(f"the dataset's arrays differ in length ({lengths}); the file is damaged or not D4RL v2.")
     qp, qv = (g("infos/qpos"), g("infos/qvel")) if "infos/qpos" in f and "infos/qvel" in f else (None, None)
-    return split_episodes(obs, act, rew.astype(np.float64), ends, qp, qv)
+    return split_episodes(obs, act, rew.astype(np.float64), ends, qp, qv, terminals)
 
 
 def read_minari(f):
@@ -166,8 +169,10 @@ def read_minari(f):
         if not isinstance(ep["observations"], h5py.Dataset):
             raise UserError(f"{name} has dict observations; only flat Box observations are supported.")
         T = len(ep["actions"])
+        term = ep["terminations"][()] if "terminations" in ep else np.zeros(1, bool)
         eps.append(dict(observations=ep["observations"][()][:T].astype(np.float32),
-                        actions=ep["actions"][()].astype(np.float32), rewards=ep["rewards"][()].astype(np.float64)))
+                        actions=ep["actions"][()].astype(np.float32), rewards=ep["rewards"][()].astype(np.float64),
+                        terminated=bool(np.asarray(term).reshape(-1)[-1]) if np.size(term) else False))
     return eps
 
 
@@ -345,7 +350,7 @@ def main(args: Args):
                               max_ep_len=args.max_ep_len, dropout=args.dropout, time_embed=args.time_embed,
                               attention=args.attention)
     model = dt_grpo.make_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     log_temp = torch.tensor(np.log(args.init_temperature), device=device, requires_grad=True)
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
@@ -365,6 +370,20 @@ def main(args: Args):
         raise
     writer.close()
     return out
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    """AdamW, or LAMB as ODT runs it (pytorch-optimizer's Lamb set to ODT's rule: the weight decay inside the
+    trust-ratio direction, no clamp of the weight norm, a step of lr * ||w|| per tensor)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from pytorch_optimizer import Lamb
+
+    class OdtLamb(Lamb):
+        clamp = float("inf")  # the library's LAMB bounds ||w|| at 10 in the trust ratio; ODT's does not
+
+    return OdtLamb(params, lr=lr, weight_decay=weight_decay, weight_decouple=False, adam_debias=True, eps=1e-8,
+                   max_grad_norm=0.0)
 
 
 def odt_step(model, optimizer, log_temp, temp_optimizer, target_entropy, b, max_grad_norm):
@@ -424,7 +443,9 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
     writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
     atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
                              reward_scale=args.reward_scale, eval_return=float(returns.mean()),
-                             temperature=log_temp.exp().item()), output)
+                             temperature=log_temp.exp().item(),
+                             pretrain_optimizer=dict(name=args.optimizer, steps=args.num_steps,
+                                                     state=optimizer.state_dict())), output)
     print(f"checkpoint written to {output}")
     env.close()
     lanes.close()

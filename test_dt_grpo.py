@@ -19,7 +19,7 @@ import dt_grpo
 import pretrain
 from infra import run as infra_run
 import qgrpo
-from baselines import odt
+from baselines import odt, odt_td3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date.*")  # the -v4 envs are used on purpose
@@ -1187,7 +1187,7 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
 
 def test_help_lists_every_flag_with_text():
     for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args),
-                        ("baselines/odt.py", odt.Args)]:
+                        ("baselines/odt.py", odt.Args), ("baselines/odt_td3.py", odt_td3.Args)]:
         cmd = [sys.executable, os.path.join(HERE, script), "--help"]
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
         for name in cls.__dataclass_fields__:
@@ -1209,7 +1209,8 @@ def flag_docstrings(path):
     return out
 
 
-@pytest.mark.parametrize("path", ["dt_grpo.py", "pretrain.py", "qgrpo.py", "baselines/odt.py"])
+@pytest.mark.parametrize("path", ["dt_grpo.py", "pretrain.py", "qgrpo.py", "baselines/odt.py",
+                                  "baselines/odt_td3.py"])
 def test_every_flag_has_a_one_line_docstring(path):
     docs = flag_docstrings(path)
     assert len(docs) > 5
@@ -1417,11 +1418,224 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     assert diag == "| Hopper-v4 hand | 7.5 |"  # the only diagnostic logged: action std
 
 
-@pytest.mark.parametrize("script", ["dt_grpo.py", "qgrpo.py", "baselines/odt.py"])
+@pytest.mark.parametrize("script", ["dt_grpo.py", "qgrpo.py", "baselines/odt.py", "baselines/odt_td3.py"])
 def test_band_checkpoint_runs_in_every_online_script(band_ckpt, tmp_path, script):
     extra = {"dt_grpo.py": ["--checkpoint", band_ckpt, *TINY_ONLINE],
              "qgrpo.py": ["--checkpoint", band_ckpt, *TINY_ONLINE, "--num-rollouts", "2", "--critic-batch-size", "8",
                           "--target-action", "policy"],
-             "baselines/odt.py": odt_cmd(band_ckpt)}[script]
+             "baselines/odt.py": odt_cmd(band_ckpt),
+             "baselines/odt_td3.py": td3_cmd(band_ckpt)}[script]
     p = run(script, *extra, "--total-env-steps", "40", cwd=tmp_path)
     assert "done:" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines at their authors' recipes: ODT's LAMB and warm-up, ODT+TD3
+# ---------------------------------------------------------------------------------------------------
+def odt_lamb_reference(w, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """ODT's lamb.py rule, written out: bias-corrected Adam direction plus wd * w, scaled by ||w|| / ||u||."""
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, g in enumerate(grads, 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / (v.sqrt() / np.sqrt(1 - b2**t) + eps) + wd * w
+        w = w - lr * (w.norm() / u.norm()) * u
+    return w
+
+
+@pytest.mark.parametrize("wd, rtol", [(0.0, 1e-5), (5e-4, 1e-2)])
+def test_lamb_takes_odts_step_on_a_hand_example(wd, rtol):
+    g = torch.Generator().manual_seed(0)
+    w0 = 5 * torch.randn(4, 3, generator=g)  # ||w|| about 17: above the library's default clamp of 10
+    grads = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    p = torch.nn.Parameter(w0.clone())
+    opt = pretrain.make_optimizer("lamb", [p], lr=0.1, weight_decay=wd)
+    before = p.detach().clone()
+    for i, gr in enumerate(grads):
+        p.grad = gr.clone()
+        opt.step()
+        if i == 0:  # LAMB's trust ratio: every tensor moves by lr * ||w|| (ODT's rule; the clamp would give lr * 10)
+            np.testing.assert_allclose((p.detach() - before).norm(), 0.1 * before.norm(), rtol=1e-3 if wd else 1e-5)
+    want = odt_lamb_reference(w0, grads, 0.1, wd)
+    step = (want - w0).norm()
+    assert (p.detach() - want).norm() <= rtol * step  # wd > 0: the library does not bias-correct v (< 1% of a step)
+
+
+def test_odt_learning_rate_warms_up_across_pretraining_and_finetuning():
+    args = odt.Args()
+    assert odt.odt_lr(0, args, 5000) == pytest.approx(1e-4 * 5001 / 10000)  # ODT: LambdaLR stepped 5k times already
+    assert odt.odt_lr(4998, args, 5000) == pytest.approx(1e-4 * 9999 / 10000)
+    assert odt.odt_lr(4999, args, 5000) == odt.odt_lr(10**6, args, 5000) == pytest.approx(1e-4)
+    model = tiny_model()
+    pre = pretrain.make_optimizer("lamb", model.parameters(), 1e-4, 5e-4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    pre.step()
+    ckpt = dict(args=dict(num_steps=7), pretrain_optimizer=dict(name="lamb", steps=7, state=pre.state_dict()))
+    a = odt.Args()
+    opt = odt.online_optimizer(model, a, ckpt)
+    assert a.warmup_offset == 7  # from the checkpoint, and recorded in the run's flags for --resume
+    first = next(iter(model.parameters()))
+    torch.testing.assert_close(opt.state[first]["exp_avg"], pre.state[first]["exp_avg"])  # LAMB's moments continue
+    b = odt.Args(optimizer="adamw")
+    assert not odt.online_optimizer(model, b, ckpt).state and b.warmup_offset == 7  # another optimizer starts afresh
+
+
+def hand_episode(n, terminated, obs_dim=11, act_dim=3, r0=0.0):
+    return dict(observations=np.arange(n * obs_dim, dtype=np.float32).reshape(n, obs_dim) / 10,
+                actions=np.full((n, act_dim), 0.1, np.float32), rewards=r0 + np.arange(n, dtype=np.float64),
+                terminated=terminated)
+
+
+def test_td3_transitions_mask_time_limit_cuts_and_keep_terminals():
+    eps = [hand_episode(3, True), hand_episode(3, False, r0=10)]
+    s = odt_td3.TransitionSampler(eps, 2, 0.001, np.zeros(11), np.ones(11), 1000, seed=0)
+    b = s.sample(400)
+    t, first = b["timesteps"][:, 0], b["reward"][:, 0] < 10  # window start; which episode
+    for ep_first, term in [(True, True), (False, False)]:
+        last = (t == 2) & (first == ep_first)  # windows starting at the episode's last step
+        assert last.any()
+        assert (b["critic_mask"][last, 0] == term).all()  # terminal kept, time-limit cut left out
+        assert (b["done"][last, 0] == float(term)).all()
+        mid = (t < 2) & (first == ep_first)
+        assert b["critic_mask"][mid, 0].all() and (b["done"][mid, 0] == 0).all()
+        np.testing.assert_array_equal(b["states"][mid, 1], eps[0 if ep_first else 1]["observations"][t[mid] + 1])
+
+
+class FixedCritic(torch.nn.Module):
+    """Q1 = 10 + sum(a), Q2 = 7 + 0 * a; records the actions it is asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, s, a):
+        self.seen.append(a.detach().clone())
+        return 10 + a.sum(-1) + self.w, 7 + 0 * a.sum(-1) + self.w
+
+
+def test_td3_target_is_the_smoothed_twin_min_without_bootstrap_at_terminals(tiny_ckpt):
+    model, norm, _ = load_tiny(tiny_ckpt)
+    eps = [hand_episode(3, True)]
+    s = odt_td3.TransitionSampler(eps, 5, 0.001, norm.mean, norm.std, 1000, seed=0)
+    b = {k: torch.as_tensor(v) for k, v in s.sample(16).items()}
+    args = odt_td3.Args(policy_noise=1e6, noise_clip=0.5, gamma=0.9)
+    targ = FixedCritic()
+    q1n, q2n = odt_td3.smoothed_target_q(targ, model, b, args)
+    nxt = odt_td3.window(b, first=False)
+    with torch.no_grad():
+        a2 = torch.tanh(model(nxt["rtg"], nxt["states"], nxt["actions"], nxt["timesteps"], nxt["valid"])[0])
+    used = targ.seen[-1]
+    gap = (used - a2).abs()
+    inside = (a2.abs() < 0.5)  # far enough from the bounds that [-1, 1] does not cut the noise
+    np.testing.assert_allclose(gap[inside].numpy(), 0.5, atol=1e-5)  # noise of std 1e6, clipped to +-0.5
+    assert (used.abs() <= 1).all()
+    y = qgrpo.td_target(q1n, q2n, b["reward"], b["done"], 0.9)
+    want = b["reward"] + 0.9 * (1 - b["done"]) * torch.minimum(q1n, q2n)
+    torch.testing.assert_close(y, want)
+    assert (b["done"].sum() > 0) and torch.equal(y[b["done"] > 0], b["reward"][b["done"] > 0])
+    torch.manual_seed(3)
+    loss, _, m = odt_td3.critic_loss(FixedCritic(), targ, model, b, args)
+    torch.manual_seed(3)  # the same smoothing noise
+    y = qgrpo.td_target(*odt_td3.smoothed_target_q(targ, model, b, args), b["reward"], b["done"], 0.9)
+    q1, q2 = 10 + b["actions"][:, :-1].sum(-1), 7.0
+    mask = b["critic_mask"].float()
+    manual = (((q1 - y) ** 2 + (q2 - y) ** 2) * mask).sum() / mask.sum()
+    assert mask.sum() > 0 and loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    torch.testing.assert_close(m, mask)
+
+
+class PreferCritic(torch.nn.Module):
+    """Q1 = Q2 = -||a - target||^2: a critic that prefers one action."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, s, a):
+        q = -((a - self.target) ** 2).sum(-1)
+        return q, q
+
+
+@pytest.mark.parametrize("actor", ["deterministic", "stochastic"])
+def test_td3_actor_term_moves_the_dt_toward_higher_q(tiny_ckpt, actor):
+    model, norm, _ = load_tiny(tiny_ckpt)
+    s = odt_td3.TransitionSampler([hand_episode(6, True)], 5, 0.001, norm.mean, norm.std, 1000, seed=0)
+    b = {k: torch.as_tensor(v) for k, v in s.sample(8).items()}
+    critic = PreferCritic(torch.tensor([0.5, -0.5, 0.5]))
+    args = odt_td3.Args(actor=actor, sup_coeff=0.0, rl_coeff=1.0)
+    log_temp = torch.tensor(np.log(0.1))
+
+    def mean_q():
+        w = odt_td3.window(b, first=True)
+        with torch.no_grad():
+            mean, _ = model(w["rtg"], w["states"], w["actions"], w["timesteps"], w["valid"])
+        return critic(None, torch.tanh(mean))[0][w["valid"]].mean().item()
+
+    loss, sup, rl, _ = odt_td3.actor_loss(model, critic, b, args, log_temp)
+    assert rl.item() == pytest.approx(-mean_q(), rel=1e-5)  # the RL term is -Q1(s, pi(s)) over the real steps
+    before = mean_q()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        loss, *_ = odt_td3.actor_loss(model, critic, b, args, log_temp)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert mean_q() > before + 1e-3  # descending the loss raises Q
+
+
+def td3_cmd(ckpt, *extra):
+    return [*odt_cmd(ckpt), "--critic-warmup-steps", "4", "--min-transitions-per-iter", "0", *extra]
+
+
+def test_odt_td3_smoke_run_logs_and_resumes_exactly(tiny_ckpt, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, c = tmp_path / "a", tmp_path / "c"
+    a.mkdir(), c.mkdir()
+    pa = run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "40"), cwd=a)
+    assert "critic warm-up: 4 steps" in pa.stdout
+    run_dir = glob.glob(str(a / "runs" / "*"))[0]
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    shared = ["eval/normalized_score", "eval/episodic_return", "eval/eval_env_steps", "charts/env_steps",
+              "charts/grad_steps", "charts/SPS", "charts/wall_s", "charts/rollout_return", "charts/learning_rate"]
+    for tag in [*shared, "losses/critic_loss", "losses/q1", "losses/rl_loss", "losses/sup_loss"]:
+        assert tag in acc.Tags()["scalars"], tag
+    full = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert full["grad_steps"] == 3 * full["iteration"] and full["iteration"] >= 2  # actor steps; critic steps 2x
+    for key in ("critic", "critic_targ", "critic_opt", "model_targ", "replay"):
+        assert key in full, key
+    assert full["args"]["warmup_offset"] == 20  # the tiny checkpoint's pretraining steps
+    run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1"), cwd=c)
+    partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
+    pr = run("baselines/odt_td3.py", "--resume", partial, "--total-env-steps", "40", cwd=c)
+    assert "resuming" in pr.stdout and last_eval(pr.stdout) == last_eval(pa.stdout)[2:]
+    resumed = torch.load(partial, weights_only=False)
+    for part in ("model", "critic", "model_targ"):
+        for k in full[part]:
+            torch.testing.assert_close(resumed[part][k], full[part][k], rtol=0, atol=0)
+    p = run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--actor-update-interval", "0"), cwd=c, expect=2)
+    assert_one_line_error(p, "--actor-update-interval")
+
+
+def test_the_online_scripts_evaluate_a_checkpoint_alike(tiny_ckpt, tmp_path, monkeypatch):
+    """dt_grpo.py, odt.py and odt_td3.py differ in the algorithm only: the same checkpoint, seed and iteration give
+    the same evaluation episodes (start states, returns, lengths)."""
+    monkeypatch.chdir(tmp_path)
+    evals = []
+    for cls in (dt_grpo.Args, odt.Args, odt_td3.Args):
+        args = cls(checkpoint=tiny_ckpt, cuda=False, eval_episodes=3, seed=4, rollout_context=4)
+        r = infra_run.Run(args, check=lambda a: None, make_optimizer=lambda m, ck: torch.optim.Adam(m.parameters()))
+        assert r.model.input_steps == 4
+        r.evaluate()
+        evals.append({k: v for k, v in r.evals[0].items() if k != "wall_s"})
+        r.writer.close()
+        r.eval_lanes.close()
+    assert evals[0] == evals[1] == evals[2]
+    args = dt_grpo.Args(checkpoint=tiny_ckpt, cuda=False, eval_episodes=3, seed=4)
+    r = infra_run.Run(args, check=lambda a: None)
+    r.evaluate()
+    assert r.model.input_steps == 5 and r.evals[0]["ret"] != evals[0]["ret"]  # the context is a real input
+    r.writer.close()
+    r.eval_lanes.close()

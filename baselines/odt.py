@@ -13,7 +13,7 @@ Run: python baselines/odt.py --env-id Hopper-v4            (README: "Baselines")
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -29,12 +29,14 @@ from dt_grpo import UserError  # noqa: E402
 
 @dataclass
 class Args(dt_grpo.RunArgs):
-    """ODT's flags, after the shared ones of dt_grpo.RunArgs."""
+    """ODT's flags, after the shared ones of dt_grpo.RunArgs; defaults are ODT's (facebookresearch/online-dt)."""
 
     exp_name: str = "odt"
     """the name of this experiment (part of the run name)"""
     eval_every: int = 2
-    """evaluate every this many iterations (ODT: 10; an iteration here is ~30 s of CPU)"""
+    """evaluate every this many iterations (ODT: 10; an iteration here is minutes of CPU)"""
+    rollout_context: Optional[int] = 5
+    """steps of context (at most K) the DT acts on in rollouts and evaluation (ODT: 5, trained on K)"""
     dataset: Optional[str] = None
     """offline data that fill the replay at the start; default: the data the checkpoint was pretrained on"""
     online_rtg: Optional[float] = None
@@ -43,14 +45,20 @@ class Args(dt_grpo.RunArgs):
     """exploration rollouts per iteration (ODT: 1), with sampled actions"""
     updates_per_iter: int = 300
     """gradient steps per iteration (ODT: 300)"""
-    batch_size: int = 64
-    """windows per gradient step (ODT: 256; 64 is pretrain.py's, a 4x cheaper step on a CPU)"""
+    batch_size: int = 256
+    """windows per gradient step (ODT: 256)"""
     replay_size: int = 1000
     """trajectories in the replay (ODT: 1000): the best offline ones at the start, then first in, first out"""
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    """the DT's optimizer (ODT: LAMB); LAMB moments saved by a LAMB pretraining are continued"""
     learning_rate: float = 1e-4
-    """learning rate (ODT: 1e-4 with LAMB; here AdamW, pretrain.py's optimizer)"""
+    """learning rate after the warm-up (ODT: 1e-4)"""
     weight_decay: float = 5e-4
-    """AdamW weight decay (ODT: 5e-4)"""
+    """weight decay (ODT: 5e-4)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warm-up over the gradient steps of pretraining and finetuning together (ODT: 10k)"""
+    warmup_offset: Optional[int] = None
+    """gradient steps of the warm-up already taken (default: the checkpoint's pretraining steps; ODT: 5k)"""
     max_grad_norm: float = 0.25
     """gradient-norm clip (ODT: 0.25)"""
     init_temperature: float = 0.1
@@ -62,9 +70,36 @@ class Args(dt_grpo.RunArgs):
 def check_args(args: Args):
     check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
                                     batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0,
-                                    seed=0, sim_workers=0),
+                                    seed=0, sim_workers=0, warmup_steps=1, warmup_offset=0, rollout_context=1),
                          positive=("learning_rate", "max_grad_norm", "init_temperature", "temperature_lr",
                                    "max_wall_minutes"))
+
+
+def odt_lr(step, args: Args, offset):
+    """ODT's learning rate at online gradient step `step` (0-based): lr * min((offset + step + 1) / warmup, 1), the
+    warm-up of a LambdaLR stepped once per gradient step since pretraining began (`offset` steps ago)."""
+    return args.learning_rate * min((offset + step + 1) / args.warmup_steps, 1.0)
+
+
+def online_optimizer(model, args: Args, ckpt):
+    """ODT's optimizer of the online phase. From a pretraining checkpoint: LAMB's moments continue when pretraining
+    used the same optimizer, and --warmup-offset defaults to its gradient steps (recorded in the run's flags, so a
+    resumed run keeps it). A run checkpoint's optimizer state is loaded by Run."""
+    opt = pretrain.make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
+    if "iteration" not in ckpt:
+        saved = ckpt.get("pretrain_optimizer") or {}
+        if saved.get("name") == args.optimizer:
+            opt.load_state_dict(saved["state"])
+            for g in opt.param_groups:
+                g["weight_decay"] = args.weight_decay
+        if args.warmup_offset is None:
+            args.warmup_offset = int(saved.get("steps", (ckpt.get("args") or {}).get("num_steps", 0)))
+    return opt
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
 
 
 class Temperature(nn.Module):
@@ -83,7 +118,8 @@ class TrajectoryReplay:
     def __init__(self, episodes, size):
         order = np.argsort([e["rewards"].sum() for e in episodes], kind="stable")[-size:]
         keys = ("observations", "actions", "rewards")  # what the windows need (no qpos/qvel in every checkpoint)
-        self.trajectories = [{k: episodes[i][k] for k in keys} for i in order]
+        self.trajectories = [dict({k: episodes[i][k] for k in keys}, terminated=episodes[i].get("terminated", False))
+                             for i in order]
         self.size, self.next = size, 0
 
     def add(self, trajs):
@@ -101,20 +137,21 @@ class TrajectoryReplay:
         self.trajectories, self.size, self.next = s["trajectories"], s["size"], s["next"]
 
 
-def explore(model, lanes, norm, scale, online_rtg, seed, generator):
-    """ODT's exploration: len(lanes) episodes from fresh starts (seeded), every action sampled from pi, the RTG
-    starting at online_rtg. Returns the raw episodes (observations, actions, achieved rewards) for the replay."""
+def explore(model, lanes, norm, scale, online_rtg, seed, generator, act_noise=None):
+    """ODT's exploration: len(lanes) episodes from fresh starts (seeded), every action sampled from pi (or, with
+    act_noise, the mean action plus that Gaussian noise: ODT+TD3's), the RTG starting at online_rtg. Returns the raw
+    episodes (observations, actions, achieved rewards, terminated) for the replay."""
     n = len(lanes)
     obs = lanes.reset([seed + i for i in range(n)])
     horizon = np.full(n, lanes.horizon)
     out = dt_grpo.run_lanes(model, lanes, first_obs=obs, rtg0=np.full(n, online_rtg * scale), t0=np.zeros(n, np.int64),
-                            n_sample=int(horizon[0]), max_steps=horizon, norm=norm, reward_scale=scale,
-                            generator=generator)
+                            n_sample=0 if act_noise is not None else int(horizon[0]), max_steps=horizon, norm=norm,
+                            reward_scale=scale, generator=generator, act_noise=act_noise or 0.0)
     P = model.input_steps - 1
     states = out["buf"]["states"][:, P:].cpu().numpy() * norm.std + norm.mean  # back to raw observations
     actions = out["buf"]["actions"][:, P:].cpu().numpy()
-    return [dict(observations=states[b, :T], actions=actions[b, :T], rewards=out["rewards"][b, :T])
-            for b, T in enumerate(out["length"])]
+    return [dict(observations=states[b, :T], actions=actions[b, :T], rewards=out["rewards"][b, :T],
+                 terminated=bool(out["terminated"][b])) for b, T in enumerate(out["length"])]
 
 
 def load_offline(args: Args, run):
@@ -130,8 +167,7 @@ def load_offline(args: Args, run):
 
 
 def main(args: Args):
-    run = Run(args, check=check_args, make_optimizer=lambda m: torch.optim.AdamW(
-        m.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay))
+    run = Run(args, check=check_args, make_optimizer=lambda m, ckpt: online_optimizer(m, args, ckpt))
     model, norm, scale, device = run.model, run.norm, run.scale, run.device
     temperature = Temperature(run.loaded.get("temperature", args.init_temperature)).to(device)
     temp_optimizer = torch.optim.Adam(temperature.parameters(), lr=args.temperature_lr)
@@ -146,12 +182,14 @@ def main(args: Args):
         replay.add(trajs)
         # 2. Hindsight relabelling: the sampler recomputes every RTG token from the rewards a trajectory achieved
         #    (not the online RTG it was rolled out at); windows are drawn with probability proportional to length
-        sampler = pretrain.WindowSampler(replay.trajectories, model.input_steps, scale, norm.mean, norm.std,
+        sampler = pretrain.WindowSampler(replay.trajectories, run.train_steps, scale, norm.mean, norm.std,
                                          model.max_ep_len, seed)
-        # 3. Gradient steps of ODT's objective: NLL - lambda * H, lambda tuned to the target entropy -act_dim
+        # 3. Gradient steps of ODT's objective: NLL - lambda * H, lambda tuned to the target entropy -act_dim, at
+        #    the learning rate of ODT's warm-up (one schedule over pretraining and finetuning)
         model.train()  # dropout, as in pretraining
         losses = []
-        for _ in range(args.updates_per_iter):
+        for i in range(args.updates_per_iter):
+            set_lr(run.optimizer, odt_lr(run.grad_steps + i, args, args.warmup_offset))
             b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
             losses.append(torch.stack(pretrain.odt_step(model, run.optimizer, temperature.log_value, temp_optimizer,
                                                         -model.act_dim, b, args.max_grad_norm)))
@@ -165,7 +203,8 @@ def main(args: Args):
         lam = temperature.log_value.exp().item()
         logged = {"losses/policy_loss": loss, "losses/nll": nll, "losses/entropy": entropy, "losses/temperature": lam,
                   "charts/rollout_return": ret.mean(), "charts/rollout_length": lengths.mean(),
-                  "charts/replay_trajectories": len(replay.trajectories)}
+                  "charts/replay_trajectories": len(replay.trajectories),
+                  "charts/learning_rate": run.optimizer.param_groups[0]["lr"]}
         line = (f"rollout {ret.mean():.1f} ({lengths.mean():.0f} steps) nll {nll:.3f} entropy {entropy:.2f} "
                 f"temp {lam:.3f}")
         run.log_iteration(int(lengths.sum()), args.updates_per_iter, logged, line)

@@ -126,7 +126,13 @@ class Run:
                 pretrain_default(args.env_id, path)
             ckpt = load_checkpoint(path, args.env_id, self.device)
         self.model, self.norm = dt_grpo.load_policy(ckpt, self.device)
-        self.optimizer = make_optimizer(self.model) if make_optimizer else dt_grpo.online_optimizer(self.model, args)
+        self.train_steps = self.model.input_steps  # steps of a training window (a shorter rollout context keeps it)
+        if args.rollout_context is not None and args.rollout_context < self.model.context_len:  # K at most
+            if args.rollout_context < 1 or self.model.cfg.attention != "window":
+                raise UserError(f"--rollout-context must be at least 1 and, below the checkpoint's K, needs window "
+                                f"attention (got {args.rollout_context}, {self.model.cfg.attention} attention).")
+            self.model.input_steps = args.rollout_context
+        self.optimizer = make_optimizer(self.model, ckpt) if make_optimizer else dt_grpo.online_optimizer(self.model, args)
         self.scale = ckpt["reward_scale"]
         target = getattr(args, "target_rtg", None)  # a variant without rollout RTG of its own evaluates at the table's
         self.target_rtg = target if target is not None else dt_grpo.default_rtg(args.env_id)
