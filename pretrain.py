@@ -21,7 +21,8 @@ import tyro
 
 import dt_grpo
 from infra.checks import check_ranges
-from infra.run import atomic_save, check_writable, die, make_writer, new_run_dir, seed_everything
+from infra.run import (atomic_save, check_writable, die, handle_sigterm, interrupted, make_writer, new_run_dir,
+                       seed_everything)
 from dt_grpo import UserError
 
 
@@ -231,6 +232,10 @@ def load_hdf5(path, env_id):
         if len(bad):
             raise UserError(f"{path!r}: {key} has a non-finite value (first at row {bad[0]} of {len(flat)}); clean "
                             "the data first.")
+    acts = np.concatenate([e["actions"].reshape(len(e["actions"]), -1) for e in eps])
+    if acts.min() < -1 - 1e-6 or acts.max() > 1 + 1e-6:
+        raise UserError(f"{path!r}: actions lie in [{acts.min():.3g}, {acts.max():.3g}], outside the env's [-1, 1]; "
+                        "rescale them to [-1, 1] first (they are never clipped silently).")
     env = dt_grpo.make_env(env_id)
     want = (env.observation_space.shape[0], env.action_space.shape[0])
     env.close()
@@ -333,7 +338,12 @@ def main(args: Args):
     check_writable("runs")
     eps, source = load_dataset(args)
     all_obs = np.concatenate([e["observations"] for e in eps])
-    obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-6
+    obs64 = all_obs.astype(np.float64)  # float32 squares of 1e20 already overflow
+    obs_mean, obs_std = obs64.mean(0).astype(np.float32), (obs64.std(0) + 1e-6).astype(np.float32)
+    if not (np.isfinite(obs_mean).all() and np.isfinite(obs_std).all()):
+        col = int(np.flatnonzero(~(np.isfinite(obs_mean) & np.isfinite(obs_std)))[0])
+        raise UserError(f"observation column {col} has values too large for float32 statistics (max |x| "
+                        f"{np.abs(obs64[:, col]).max():.3g}); clean or rescale the data. Nothing was written.")
     n_steps = sum(len(e["rewards"]) for e in eps)
     ep_ret = np.array([e["rewards"].sum() for e in eps])
     print(f"{len(eps)} episodes, {n_steps} steps, return {ep_ret.mean():.1f} +- {ep_ret.std():.1f} "
@@ -453,9 +463,11 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
 
 
 if __name__ == "__main__":
+    handle_sigterm()
     try:
         main(tyro.cli(Args))
     except UserError as e:
         die(str(e), e.code)
-    except KeyboardInterrupt:
-        die("interrupted; pretraining writes its checkpoint only at the end, so nothing was written", 130)
+    except KeyboardInterrupt as e:
+        word, code = interrupted(e)
+        die(f"{word}; pretraining writes its checkpoint only at the end, so nothing was written", code)

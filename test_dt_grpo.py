@@ -272,6 +272,7 @@ def test_d4rl_reader(tmp_path):
     write_d4rl(p)
     eps = pretrain.load_hdf5(p, "Hopper-v4")
     assert [len(e["rewards"]) for e in eps] == [5, 5, 2]  # split after the terminal (4) and the timeout (9); tail kept
+    assert [e["terminated"] for e in eps] == [True, False, False]  # a timeout or the file's end is no terminal
     np.testing.assert_allclose(eps[1]["rewards"], [5, 6, 7, 8, 9])
     assert eps[2]["qpos"].shape == (2, 6)
 
@@ -844,7 +845,8 @@ def test_non_finite_pretraining_loss_stops_with_one_line_and_leaves_no_run_folde
     assert_nothing_written(tmp_path)
 
 
-def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path, sig, code):
     import signal
 
     write_d4rl(str(tmp_path / "d.hdf5"))
@@ -854,9 +856,9 @@ def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path):
     for line in p.stdout:
         if line.startswith("step 3/"):
             break
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert p.returncode == code and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert_nothing_written(tmp_path)
 
 
@@ -1106,7 +1108,8 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path):
     assert len(names) == 3 and all(os.path.isdir(tmp_path / n) for n in names)
 
 
-def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_reported(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_reported(tiny_ckpt, tmp_path, sig, code):
     import signal
 
     cmd = [sys.executable, os.path.join(HERE, "dt_grpo.py"), "--checkpoint", tiny_ckpt, "--total-env-steps", "10**9",
@@ -1116,11 +1119,13 @@ def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_report
     for line in p.stdout:  # wait for a finished iteration
         if line.startswith("iter 2 "):
             break
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err
+    assert p.returncode == code and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     ckpt = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
     assert "--resume " + os.path.relpath(ckpt, tmp_path) in err and "every iteration" in err
+    if sig == "SIGTERM":
+        return
     out = run("dt_grpo.py", "--resume", os.path.relpath(ckpt, tmp_path), "--total-env-steps", "1", cwd=tmp_path).stdout
     assert "past --total-env-steps" in out  # the budget was already spent: said, not hidden
 
@@ -1315,7 +1320,8 @@ def test_odt_without_its_offline_data_says_to_pass_dataset(tiny_ckpt, tmp_path):
     ck = torch.load(tiny_ckpt, weights_only=False)
     torch.save(dict(ck, data_source="random:data/elsewhere.hdf5"), tmp_path / "moved.pt")  # made on another machine
     p = run("baselines/odt.py", "--checkpoint", "moved.pt", "--total-env-steps", "10", cwd=tmp_path, expect=2)
-    assert_one_line_error(p, "--dataset")
+    assert_one_line_error(p, "--dataset PATH")
+    assert not os.path.exists(tmp_path / "runs")  # a failed start leaves no folder
     p = run("baselines/odt.py", *odt_cmd(tiny_ckpt, "--updates-per-iter", "0"), cwd=tmp_path, expect=2)
     assert_one_line_error(p, "--updates-per-iter")
 
@@ -1639,3 +1645,63 @@ def test_the_online_scripts_evaluate_a_checkpoint_alike(tiny_ckpt, tmp_path, mon
     assert r.model.input_steps == 5 and r.evals[0]["ret"] != evals[0]["ret"]  # the context is a real input
     r.writer.close()
     r.eval_lanes.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reliability: no silent data changes, one line on faults
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1.5, -3.0])
+def test_out_of_range_actions_are_refused_not_clipped(tmp_path, scale):
+    p = str(tmp_path / "d.hdf5")
+    write_d4rl(p)
+    with h5py.File(p, "r+") as f:
+        f["actions"][2] = scale
+    with pytest.raises(infra_run.UserError, match=r"actions lie in .*rescale"):
+        pretrain.load_hdf5(p, "Hopper-v4")
+    with h5py.File(p, "r+") as f:
+        f["actions"][2] = np.sign(scale)  # exactly at the bound is fine (D4RL has such actions)
+    assert len(pretrain.load_hdf5(p, "Hopper-v4")) == 3
+
+
+def test_huge_observations_give_finite_statistics(tmp_path):
+    p = tmp_path / "d.hdf5"
+    write_d4rl(str(p), n=40, ends=(19, 39))
+    with h5py.File(p, "r+") as f:
+        f["observations"][3, 0] = 1e30  # float32 squares overflow; the statistics are float64
+    ck = torch.load(pretrain_tiny(tmp_path, "big.pt", dataset=str(p)), weights_only=False)
+    assert np.isfinite(ck["obs_std"]).all() and ck["obs_std"][0] > 1e28
+
+
+def test_resume_refuses_another_scripts_checkpoint_and_removes_stale_temporaries(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    torch.save(dict(ck, iteration=1, script="qgrpo.py", args={}), "run.pt")
+    with pytest.raises(infra_run.UserError, match=r"run of qgrpo.py; resume it with `python qgrpo.py --resume"):
+        infra_run.Run(dt_grpo.Args(resume="run.pt", cuda=False), check=lambda a: None)
+    r = infra_run.Run(dt_grpo.Args(checkpoint=tiny_ckpt, cuda=False, eval_episodes=1), check=lambda a: None)
+    r.save()
+    assert torch.load(r.ckpt_path, weights_only=False)["script"] == "dt_grpo.py"
+    r.writer.close()
+    r.eval_lanes.close()
+    open(r.ckpt_path + ".tmp4242", "wb").close()  # a kill -9 in the middle of a save
+    state = torch.load(r.ckpt_path, weights_only=False)
+    torch.save(dict(state, iteration=1, env_steps=0, grad_steps=0, eval_env_steps=0, run_name=r.run_name), r.ckpt_path)
+    r2 = infra_run.Run(dt_grpo.Args(resume=r.ckpt_path, cuda=False, eval_episodes=1), check=lambda a: None)
+    assert not glob.glob(r.ckpt_path + ".tmp*")
+    r2.writer.close()
+    r2.eval_lanes.close()
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    infra_run.atomic_save({"a": 1}, path)
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nfile write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(infra_run.UserError, match=r"cannot write .*file write failed.*unchanged: continue with --resume"):
+        infra_run.atomic_save({"a": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]

@@ -3,8 +3,11 @@ checkpoints and exact resume, TensorBoard logging with an ETA, evaluation on fre
 Not the paper's method: dt_grpo.py keeps that."""
 
 import dataclasses
+import glob
+import inspect
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +18,8 @@ import torch
 import tyro
 
 import dt_grpo  # the model, evaluation and optimizer that a run uses (attributes read at call time)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class UserError(Exception):
@@ -29,12 +34,17 @@ def die(msg: str, code: int = 2):
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file, and a
+    failed write (a full disk) is one line that names the file left as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError (inline_container)
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
+        kept = f"{path} is unchanged: continue with --resume {path}" if os.path.isfile(path) else "nothing was kept"
+        raise UserError(f"cannot write {path} ({why}); {kept} once there is room.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -116,10 +126,16 @@ class Run:
             os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering
         check_writable("runs")
         self.state = None
+        self.script = os.path.relpath(inspect.getfile(type(args)), ROOT)  # recorded in every checkpoint
         if args.resume:
             ckpt = self.state = load_checkpoint(args.resume, args.env_id, self.device)
             if "iteration" not in ckpt:
                 raise UserError(f"{args.resume!r} is a pretraining checkpoint; pass it as --checkpoint, not --resume.")
+            if ckpt.get("script", self.script) != self.script:
+                raise UserError(f"{args.resume!r} is a run of {ckpt['script']}; resume it with `python "
+                                f"{ckpt['script']} --resume {args.resume}`.")
+            for stale in glob.glob(glob.escape(args.resume) + ".tmp*"):  # left by a kill during a save
+                os.remove(stale)
         else:
             path = args.checkpoint or default_checkpoint(args.env_id)
             if args.checkpoint is None and not os.path.isfile(path):
@@ -197,7 +213,7 @@ class Run:
         return self.env_steps < self.args.total_env_steps and (cap is None or self.wall() < 60 * cap)
 
     def save(self):
-        atomic_save(dict(self.meta, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+        atomic_save(dict(self.meta, script=self.script, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                          iteration=self.iteration, env_steps=self.env_steps, grad_steps=self.grad_steps,
                          eval_env_steps=self.eval_env_steps, evals=self.evals, wall_s=self.wall(),
                          run_name=self.run_name, args=asdict(self.args),
@@ -301,17 +317,48 @@ def parse_args(cls, argv=None):
     return tyro.cli(cls, args=argv, default=default)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and a cluster scheduler's preemption send), handled as Ctrl-C is."""
+
+
+def handle_sigterm():
+    def stop(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def interrupted(e) -> tuple:
+    """The word and exit code of an interruption: Ctrl-C 130, SIGTERM 143 (128 + the signal, as a shell has it)."""
+    return ("stopped by SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
+def discard_unstarted_run():
+    """A run that stopped before its first checkpoint leaves no folder behind (only TensorBoard's events were in it)."""
+    if ACTIVE_CHECKPOINT and not os.path.isfile(ACTIVE_CHECKPOINT):
+        import shutil
+
+        folder = os.path.dirname(ACTIVE_CHECKPOINT)
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.isdir("runs") and not os.listdir("runs"):
+            os.rmdir("runs")
+
+
 def cli(main_fn, cls):
-    """Run main_fn on the command line's Args: bad input and Ctrl-C end with one line, never a traceback."""
+    """Run main_fn on the command line's Args: bad input, Ctrl-C and SIGTERM end with one line, never a traceback."""
+    handle_sigterm()
     try:
         main_fn(parse_args(cls))
     except UserError as e:
+        discard_unstarted_run()
         die(str(e), e.code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        discard_unstarted_run()
+        word, code = interrupted(e)
         if ACTIVE_CHECKPOINT and os.path.isfile(ACTIVE_CHECKPOINT):
-            die(f"interrupted; {ACTIVE_CHECKPOINT} holds the last finished iteration (one is written after every "
-                f"iteration): continue with --resume {ACTIVE_CHECKPOINT}", 130)
-        die("interrupted before the first checkpoint was written; nothing to resume", 130)
+            die(f"{word}; {ACTIVE_CHECKPOINT} holds the last finished iteration (one is written after every "
+                f"iteration): continue with --resume {ACTIVE_CHECKPOINT}", code)
+        die(f"{word} before the first checkpoint was written; nothing to resume", code)
 
 
 def load_checkpoint(path: str, env_id: str, device="cpu") -> dict:
