@@ -22,7 +22,7 @@ import tyro
 import dt_grpo
 from infra.checks import check_ranges
 from infra.run import (atomic_save, check_writable, die, handle_sigterm, interrupted, make_writer, new_run_dir,
-                       seed_everything)
+                       seed_everything, tyro_cli)
 from dt_grpo import UserError
 
 
@@ -465,7 +465,7 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
 if __name__ == "__main__":
     handle_sigterm()
     try:
-        main(tyro.cli(Args))
+        main(tyro_cli(Args))
     except UserError as e:
         die(str(e), e.code)
     except KeyboardInterrupt as e:

@@ -765,6 +765,15 @@ def test_bad_flags(tmp_path, flags, word):
     assert not os.listdir(tmp_path)  # rejected before anything is pretrained or written
 
 
+@pytest.mark.parametrize("script, flags, words", [("dt_grpo.py", ["--bogus", "3"], ["Unrecognized options", "--bogus"]),
+                                                  ("pretrain.py", ["--num-steps", "1.5"], ["--num-steps", "1.5"]),
+                                                  ("baselines/odt_td3.py", ["--actor", "x"], ["--actor"])])
+def test_command_line_errors_are_tyros_message_on_one_line(tmp_path, script, flags, words):
+    p = run(script, *flags, cwd=tmp_path, expect=2)
+    assert_one_line_error(p, *words, "--help")
+    assert not os.listdir(tmp_path)
+
+
 def test_bad_datasets(tmp_path):
     p = run("pretrain.py", "--dataset", "missing.hdf5", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "not found")
@@ -1529,6 +1538,8 @@ def test_td3_target_is_the_smoothed_twin_min_without_bootstrap_at_terminals(tiny
     targ = FixedCritic()
     q1n, q2n = odt_td3.smoothed_target_q(targ, model, b, args)
     nxt = odt_td3.window(b, first=False)
+    torch.testing.assert_close(nxt["states"][:, :-1], b["states"][:, 1:-1])  # the window at s' is shifted by one
+    torch.testing.assert_close(nxt["states"][:, -1], b["states"][:, -1])
     with torch.no_grad():
         a2 = torch.tanh(model(nxt["rtg"], nxt["states"], nxt["actions"], nxt["timesteps"], nxt["valid"])[0])
     used = targ.seen[-1]

@@ -1,4 +1,4 @@
-"""Do the tests catch a broken method? Each mutant is a one-line break of GRPO-DT's math (a flipped sign, a shifted
+"""Do the tests catch a broken method? Each mutant is a one-line break of GRPO-DT's (or a baseline's) math (a flipped sign, a shifted
 index, a dropped mask); each is applied to a scratch copy of the repository and the method's tests run on it. A
 mutant that leaves them green is a hole in the suite.
 
@@ -53,6 +53,21 @@ MUTANTS = {
     "discount-off-by-one": ("dt_grpo.py", "* gamma ** t[None, :]).sum(1)", "* gamma ** (t[None, :] + 1)).sum(1)"),
     "rtg-not-decremented": ("dt_grpo.py", "rtg[idx] -= torch.as_tensor(r * reward_scale",
                             "rtg[idx] -= 0 * torch.as_tensor(r * reward_scale"),
+    # the baselines' math: ODT's LAMB and warm-up, ODT+TD3's critic and actor
+    "lamb-clamp-kept": ("pretrain.py", 'clamp = float("inf")', "clamp = 10.0"),
+    "warmup-offset-ignored": ("baselines/odt.py", "min((offset + step + 1) / args.warmup_steps, 1.0)",
+                              "min((step + 1) / args.warmup_steps, 1.0)"),
+    "td3-twin-max": ("qgrpo.py", "gamma * (1.0 - done) * torch.min(q1_next, q2_next)",
+                     "gamma * (1.0 - done) * torch.max(q1_next, q2_next)"),
+    "td3-done-ignored": ("baselines/odt_td3.py", "done = self.done[idx[:, :-1]] * valid[:, :-1]",
+                         "done = 0 * self.done[idx[:, :-1]] * valid[:, :-1]"),
+    "td3-time-limit-kept": ("baselines/odt_td3.py", "critic_mask=valid[:, :-1] & (valid[:, 1:] | (done > 0)))",
+                            "critic_mask=valid[:, :-1])"),
+    "td3-noise-unclipped": ("baselines/odt_td3.py", "* args.policy_noise).clamp(-args.noise_clip, args.noise_clip)",
+                            "* args.policy_noise).clamp(-1e9, 1e9)"),
+    "td3-actor-sign": ("baselines/odt_td3.py", "rl = -(q1 * m).sum() / m.sum()", "rl = (q1 * m).sum() / m.sum()"),
+    "td3-target-window-not-shifted": ("baselines/odt_td3.py", "s = slice(0, -1) if first else slice(1, None)",
+                                      "s = slice(0, -1)"),
 }
 
 # The method's tests: everything but the subprocess runs (those cover plumbing and take most of the suite's time).

@@ -302,6 +302,28 @@ def run_args(ckpt, cls):
     return cls(**{k: v for k, v in ckpt["args"].items() if k in fields})
 
 
+def tyro_cli(cls, args=None, default=None):
+    """tyro.cli, with its error box (an unknown flag, a float for an int flag) turned into one UserError line."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(cls, args=args, default=default)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        rows = [line.strip().strip("│╭╮╰╯").strip() for line in err.getvalue().splitlines()]
+        body = []
+        for row in rows[1:]:  # after the box's title: the message, up to the box's first rule
+            if not row or set(row) <= set("─ "):
+                break
+            body.append(row)
+        msg = " ".join(body) or "could not parse the command line"
+        raise UserError(f"{msg.rstrip('.')}; `--help` lists every flag.") from None
+
+
 def parse_args(cls, argv=None):
     """tyro.cli, except that with --resume the resumed run's own flags are the defaults: `--resume PATH` alone
     continues the same experiment, and any flag given next to it overrides (a warning lists what changed)."""
@@ -314,7 +336,7 @@ def parse_args(cls, argv=None):
             default = run_args(torch.load(resume, map_location="cpu", weights_only=False), cls)
         except Exception:  # noqa: BLE001 -- an unreadable file gets main's one-line error from load_checkpoint
             pass
-    return tyro.cli(cls, args=argv, default=default)
+    return tyro_cli(cls, args=argv, default=default)
 
 
 class Terminated(KeyboardInterrupt):
