@@ -1716,3 +1716,48 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_file(tmp_
         infra_run.atomic_save({"a": 2}, path)
     monkeypatch.undo()
     assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def children(pid):
+    """Live (not zombie) child processes of pid, from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_sim_workers_stop_quietly_on_ctrl_c_and_exit_when_the_trainer_is_killed(tiny_ckpt, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, os.path.join(HERE, "dt_grpo.py"), "--checkpoint", tiny_ckpt, "--total-env-steps",
+           str(10**9), "--sim-workers", "2", *TINY_ONLINE]
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        p = popen_interruptible(cmd, cwd=tmp_path)
+        for line in p.stdout:
+            if line.startswith("iter 1 "):
+                break
+        workers = children(p.pid)
+        assert len(workers) >= 2  # the rollout lanes' and the evaluation lanes' workers
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        if sig == signal.SIGINT:
+            assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err  # no worker tracebacks
+        deadline = time.time() + 20
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers), "orphan workers left running"

@@ -7,6 +7,7 @@ plumbing, not the algorithm.
 """
 
 import multiprocessing as mp
+import signal
 import sys
 
 import numpy as np
@@ -34,19 +35,28 @@ def lane_op(envs, op, idx, *cols):
     raise ValueError(op)
 
 
-def lane_worker(conn, make, n):
-    """A worker process of Lanes: owns n envs from make() and applies lane_op to them until it receives None."""
+def lane_worker(conn, make, n, parent_ends=()):
+    """A worker process of Lanes: owns n envs from make() and applies lane_op to them until it receives None or
+    its parent is gone. Ctrl-C is the parent's to handle (it closes the workers), so a worker ignores SIGINT; it
+    closes the parent's pipe ends it inherited, so that the parent's death ends its recv()."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for end in parent_ends:
+        end.close()
     try:
         envs = [make() for _ in range(n)]
     except Exception as e:  # noqa: BLE001 -- sent back and raised in the parent
         conn.send(e)
         return
-    conn.send(None)
-    while (msg := conn.recv()) is not None:
-        try:
-            conn.send(lane_op(envs, *msg[:2], *msg[2]))
-        except Exception as e:  # noqa: BLE001 -- sent back and raised in the parent
-            conn.send(e)
+    try:
+        conn.send(None)
+        while (msg := conn.recv()) is not None:
+            try:
+                out = lane_op(envs, *msg[:2], *msg[2])
+            except Exception as e:  # noqa: BLE001 -- sent back and raised in the parent
+                out = e
+            conn.send(out)
+    except (EOFError, OSError):  # the parent is gone (killed): nothing to send to, so stop
+        pass
     for env in envs:
         env.close()
 
@@ -73,8 +83,10 @@ class Lanes:
         self.pipes, self.procs = [], []
         for w in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=lane_worker, args=(child, make, int(np.diff(self.first)[w])), daemon=True)
+            proc = ctx.Process(target=lane_worker, args=(child, make, int(np.diff(self.first)[w]),
+                                                         [*self.pipes, parent]), daemon=True)
             proc.start()
+            child.close()  # the worker's end lives in the worker only: its death ends our recv()
             self.pipes.append(parent)
             self.procs.append(proc)
         for err in [pipe.recv() for pipe in self.pipes]:
