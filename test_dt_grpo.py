@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -1397,6 +1398,23 @@ def test_sweep_grid_errors_are_one_line(tmp_path):
     assert_one_line_error(run("experiments/sweep.py", "k.yaml", "--seeds", "3", cwd=tmp_path, expect=2), "--seeds")
     (tmp_path / "s.yaml").write_text("name: s\nenv_ids: [Hopper-v4]\nseeds: [1]\nscript: nope.py\n")
     assert_one_line_error(run("experiments/sweep.py", "s.yaml", cwd=tmp_path, expect=2), "nope.py")
+
+
+@pytest.mark.parametrize("text, word", [
+    ("seeds: 1", "`seeds` must be a list"), ("env_ids: Hopper-v4", "`env_ids` must be a list"),
+    ("seeds: [1, x]", "`seeds` must be a list of integers"), ("cells: {a/b: {}}", "cell name 'a/b'"),
+    ("cells: {a: 3}", "cell 'a' must be a mapping"), ("prepare: [{creates: x, runn: y}]", "prepare step"),
+    ("flags: [1]", "`flags` must be a mapping")])
+def test_sweep_grid_types_and_nested_keys_are_checked_up_front(tmp_path, text, word):
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import sweep
+
+    base = {"name": "g", "env_ids": "[Hopper-v4]", "seeds": "[1]"}
+    key = text.split(":", 1)[0]
+    base[key] = text.split(":", 1)[1].strip()
+    (tmp_path / "g.yaml").write_text("".join(f"{k}: {v}\n" for k, v in base.items()))
+    with pytest.raises(sweep.GridError, match=re.escape(word)):
+        sweep.load_grid(str(tmp_path / "g.yaml"))
 
 
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):

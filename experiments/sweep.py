@@ -28,6 +28,7 @@ import glob
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,10 +63,36 @@ def load_grid(path):
     g.setdefault("flags", {})
     g["cells"] = g.get("cells") or {"default": {}}
     g.setdefault("prepare", [])
+    check_types(path, g)
     for cell in g["cells"].values():
         if not os.path.isfile(os.path.join(ROOT, (cell or {}).get("script", g["script"]))):
             raise GridError(f"{path}: script {(cell or {}).get('script', g['script'])!r} not found")
     return g
+
+
+def check_types(path, g):
+    """Types and nested keys of a grid, so that `seeds: 1` or `env_ids: Hopper-v4` (a string is iterated letter by
+    letter) fail with one line instead of making wrong trials."""
+    def need(ok, what):
+        if not ok:
+            raise GridError(f"{path}: {what}")
+
+    safe = re.compile(r"^[A-Za-z0-9_.-]+$")
+    need(isinstance(g["name"], str) and safe.match(g["name"]), "`name` must be a word (letters, digits, _ . -)")
+    need(isinstance(g["script"], str), "`script` must be a path")
+    need(isinstance(g["env_ids"], list) and all(isinstance(e, str) for e in g["env_ids"]),
+         "`env_ids` must be a list of env ids, e.g. [Hopper-v4]")
+    need(isinstance(g["seeds"], list) and all(isinstance(s, int) and not isinstance(s, bool) for s in g["seeds"]),
+         "`seeds` must be a list of integers, e.g. [1, 2, 3]")
+    need(isinstance(g["flags"], dict), "`flags` must be a mapping of flag: value")
+    need(isinstance(g["cells"], dict), "`cells` must be a mapping of cell name: {flag: value}")
+    for name, cell in g["cells"].items():
+        need(isinstance(name, str) and safe.match(name), f"cell name {name!r} must be a word (letters, digits, _ . -)")
+        need(cell is None or isinstance(cell, dict), f"cell {name!r} must be a mapping of flag: value")
+    need(isinstance(g["prepare"], list), "`prepare` must be a list of {creates, run} steps")
+    for step in g["prepare"]:
+        need(isinstance(step, dict) and isinstance(step.get("run"), str) and set(step) <= {"creates", "run"},
+             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`) only")
 
 
 def trials(g):
