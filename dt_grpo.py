@@ -43,8 +43,8 @@ class RunArgs:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled and a GPU is present, the model runs on it"""
-    torch_threads: int = 0
-    """CPU threads of torch (0: torch's default; 1 lets runs share a machine, one core each)"""
+    torch_threads: int = 1
+    """CPU threads of torch (0: one per core; 1 keeps its speed beside other busy processes: benchmarks/threads.py)"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases"""
     wandb_project_name: str = "dt_grpo"

@@ -21,8 +21,8 @@ import tyro
 
 import dt_grpo
 from infra.checks import check_ranges
-from infra.run import (atomic_save, check_writable, die, handle_sigterm, interrupted, make_writer, new_run_dir,
-                       seed_everything, tyro_cli)
+from infra.run import (apply_threads, atomic_save, check_writable, die, handle_sigterm, interrupted, make_writer,
+                       new_run_dir, seed_everything, tyro_cli)
 from dt_grpo import UserError
 
 
@@ -34,8 +34,8 @@ class Args:
     """seed of data generation, batch sampling and model initialisation"""
     cuda: bool = True
     """if toggled and a GPU is present, train on it"""
-    torch_threads: int = 0
-    """CPU threads of torch (0 = torch's default); 1 lets several processes share a CPU, one core each"""
+    torch_threads: int = 1
+    """CPU threads of torch (0: one per core; 1 keeps its speed beside other busy processes: benchmarks/threads.py)"""
     env_id: str = "Hopper-v4"
     """the id of the MuJoCo environment"""
     dataset: str = "random"
@@ -330,8 +330,7 @@ def main(args: Args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    apply_threads(args.torch_threads)
     env = dt_grpo.make_env(args.env_id)
     output = args.output or default_output(args, dataset_id(args))
     check_writable(os.path.dirname(os.path.abspath(output)))

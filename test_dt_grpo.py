@@ -1104,6 +1104,7 @@ def test_the_code_gives_bitwise_the_numbers_of_the_reference_commit(tiny_ckpt, b
     subprocess.run(["tar", "-x", "-C", str(ref)], input=archive.stdout, check=True)
     cases = [("dt_grpo.py", ["--checkpoint", tiny_ckpt, "--total-env-steps", "300", *TINY_ONLINE]),  # window DT
              ("dt_grpo.py", ["--checkpoint", band_ckpt, "--total-env-steps", "200", *TINY_ONLINE])]  # infra/band.py
+    cases = [(s, [*a, "--torch-threads", "1"]) for s, a in cases]  # the same threads on both sides
     for n, (script, args) in enumerate(cases):
         (tmp_path / f"new{n}").mkdir(), (tmp_path / f"old{n}").mkdir()
         it, steps, new = final_weights(os.path.join(HERE, script), args, tmp_path / f"new{n}")
@@ -1730,7 +1731,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_file(tmp_
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nfile write failed")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(infra_run.UserError, match=r"cannot write .*file write failed.*unchanged: continue with --resume"):
+    with pytest.raises(infra_run.UserError, match=r"cannot write .*file write failed.*unchanged: continue with"):
         infra_run.atomic_save({"a": 2}, path)
     monkeypatch.undo()
     assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -1779,3 +1780,18 @@ def test_sim_workers_stop_quietly_on_ctrl_c_and_exit_when_the_trainer_is_killed(
         while any(alive(w) for w in workers) and time.time() < deadline:
             time.sleep(0.2)
         assert not any(alive(w) for w in workers), "orphan workers left running"
+
+
+def test_a_run_folder_is_locked_while_a_process_owns_it(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = infra_run.Run(dt_grpo.Args(checkpoint=tiny_ckpt, cuda=False, eval_episodes=1), check=lambda a: None)
+    r.save()
+    p = run("dt_grpo.py", "--resume", r.ckpt_path, "--total-env-steps", "1", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "in use by another process")
+    r.lock.close()  # the owner ends: the folder is free again
+    r.writer.close()
+    r.eval_lanes.close()
+    with open(os.path.join(os.path.dirname(r.ckpt_path), ".lock")) as f:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held

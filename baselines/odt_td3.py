@@ -233,7 +233,8 @@ def main(args: Args):
         ret = np.array([t["rewards"].sum() for t in trajs])
         lengths = np.array([len(t["rewards"]) for t in trajs])
         logged = {"losses/critic_loss": c_loss, "losses/q1": q1, "losses/sup_loss": sup, "losses/rl_loss": rl,
-                  "losses/entropy": entropy, "charts/rollout_return": ret.mean(), "charts/rollout_length": lengths.mean(),
+                  "losses/entropy": entropy, "charts/rollout_return": ret.mean(),
+                  "charts/rollout_length": lengths.mean(),
                   "charts/replay_trajectories": len(replay.trajectories),
                   "charts/learning_rate": run.optimizer.param_groups[0]["lr"]}
         line = (f"rollout {ret.mean():.1f} ({len(trajs)} ep, {lengths.sum()} steps) critic {c_loss:.3f} Q1 {q1:.1f} "

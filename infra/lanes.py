@@ -40,6 +40,7 @@ def lane_worker(conn, make, n, parent_ends=()):
     its parent is gone. Ctrl-C is the parent's to handle (it closes the workers), so a worker ignores SIGINT; it
     closes the parent's pipe ends it inherited, so that the parent's death ends its recv()."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler: being terminated ends a worker quietly
     for end in parent_ends:
         end.close()
     try:

@@ -67,6 +67,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def apply_threads(n):
+    """--torch-threads: n > 0 intra-op threads, 0 torch's default (one per core)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 def iteration_seed(seed, iteration):
     return seed * 1_000_003 + iteration
 
@@ -109,6 +115,21 @@ def pretrain_default(env_id, path):
 ACTIVE_CHECKPOINT = None  # the checkpoint of the run in progress, for the Ctrl-C message
 
 
+def lock_run_folder(folder):
+    """An exclusive lock on a run folder for as long as this process lives (the OS drops it when the process ends,
+    a kill -9 included): two processes resuming one run would overwrite each other's checkpoints."""
+    import fcntl
+
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"{folder} is in use by another process (a run or a --resume of it is still going); wait for "
+                        "it to end or stop it first.") from None
+    return f
+
+
 class Run:
     """Everything around the algorithm, shared by dt_grpo.py and qgrpo.py: device and seeds; the model, pretrained
     or resumed; the optimizer; TensorBoard; evaluation on fresh start states; a checkpoint after every iteration
@@ -120,8 +141,7 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cudnn.deterministic = args.torch_deterministic
         seed_everything(args.seed)
-        if args.torch_threads > 0:
-            torch.set_num_threads(args.torch_threads)
+        apply_threads(args.torch_threads)
         if args.capture_video:
             os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering
         check_writable("runs")
@@ -148,7 +168,8 @@ class Run:
                 raise UserError(f"--rollout-context must be at least 1 and, below the checkpoint's K, needs window "
                                 f"attention (got {args.rollout_context}, {self.model.cfg.attention} attention).")
             self.model.input_steps = args.rollout_context
-        self.optimizer = make_optimizer(self.model, ckpt) if make_optimizer else dt_grpo.online_optimizer(self.model, args)
+        make_optimizer = make_optimizer or (lambda model, _: dt_grpo.online_optimizer(model, args))
+        self.optimizer = make_optimizer(self.model, ckpt)
         self.scale = ckpt["reward_scale"]
         target = getattr(args, "target_rtg", None)  # a variant without rollout RTG of its own evaluates at the table's
         self.target_rtg = target if target is not None else dt_grpo.default_rtg(args.env_id)
@@ -173,6 +194,7 @@ class Run:
         else:
             self.run_name = new_run_dir(args)
         self.ckpt_path = os.path.join("runs", self.run_name, "checkpoint.pt")
+        self.lock = lock_run_folder(os.path.dirname(self.ckpt_path))
         global ACTIVE_CHECKPOINT
         ACTIVE_CHECKPOINT = self.ckpt_path
         if args.track:  # before the writer exists, so that wandb can mirror it
@@ -213,7 +235,8 @@ class Run:
         return self.env_steps < self.args.total_env_steps and (cap is None or self.wall() < 60 * cap)
 
     def save(self):
-        atomic_save(dict(self.meta, script=self.script, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+        atomic_save(dict(self.meta, script=self.script, model=self.model.state_dict(),
+                         optimizer=self.optimizer.state_dict(),
                          iteration=self.iteration, env_steps=self.env_steps, grad_steps=self.grad_steps,
                          eval_env_steps=self.eval_env_steps, evals=self.evals, wall_s=self.wall(),
                          run_name=self.run_name, args=asdict(self.args),
