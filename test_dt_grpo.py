@@ -1186,13 +1186,15 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
     with pretrain.py's own seed whatever --seed says (one default checkpoint per env). Shrunk here by appending
     tiny sizes to the command."""
     monkeypatch.chdir(tmp_path)
-    calls, real = [], subprocess.run
+    calls, real = [], subprocess.Popen
 
-    def shrunk(cmd, **kw):
+    def shrunk(cmd, *a, **kw):
+        if not (isinstance(cmd, list) and str(cmd[1]).endswith("pretrain.py")):
+            return real(cmd, *a, **kw)  # other libraries' own subprocesses
         calls.append(cmd)
         return real(cmd + ["--dataset-steps", "500", "--num-steps", "3", "--eval-episodes", "1", *TINY_MODEL], **kw)
 
-    monkeypatch.setattr(infra_run.subprocess, "run", shrunk)
+    monkeypatch.setattr(infra_run.subprocess, "Popen", shrunk)
     dt_grpo.main(dt_grpo.Args(env_id="Hopper-v4", seed=7, total_env_steps=30, group_size=2, num_resets=2, l_traj=2,
                               l_eval=2, eval_episodes=1, cuda=False))
     assert len(calls) == 1 and calls[0][1].endswith("pretrain.py") and "--seed" not in calls[0]
@@ -1713,6 +1715,7 @@ def test_resume_refuses_another_scripts_checkpoint_and_removes_stale_temporaries
     assert torch.load(r.ckpt_path, weights_only=False)["script"] == "dt_grpo.py"
     r.writer.close()
     r.eval_lanes.close()
+    r.lock.close()  # that process ended
     open(r.ckpt_path + ".tmp4242", "wb").close()  # a kill -9 in the middle of a save
     state = torch.load(r.ckpt_path, weights_only=False)
     torch.save(dict(state, iteration=1, env_steps=0, grad_steps=0, eval_env_steps=0, run_name=r.run_name), r.ckpt_path)
@@ -1720,6 +1723,7 @@ def test_resume_refuses_another_scripts_checkpoint_and_removes_stale_temporaries
     assert not glob.glob(r.ckpt_path + ".tmp*")
     r2.writer.close()
     r2.eval_lanes.close()
+    r2.lock.close()
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypatch):
@@ -1795,3 +1799,22 @@ def test_a_run_folder_is_locked_while_a_process_owns_it(tiny_ckpt, tmp_path, mon
         import fcntl
 
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held
+
+
+def test_sigterm_during_the_automatic_default_pretraining_stops_both_and_leaves_nothing(tmp_path):
+    """`python dt_grpo.py` pretrains first in a child process; SIGTERM to the parent alone (what `kill PID` does)
+    stops the child too, with one line and no run folder or half-written checkpoint."""
+    import signal
+    import time
+
+    p = popen_interruptible([sys.executable, os.path.join(HERE, "dt_grpo.py"), "--env-id", "Hopper-v4"], cwd=tmp_path)
+    for line in p.stdout:
+        if "running the default pretraining first" in line:
+            break
+    time.sleep(4)  # the child is importing or generating its data
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    assert "default pretraining failed" not in err
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*.pt")) and not os.path.exists(tmp_path / "runs")
+    assert not glob.glob(str(tmp_path / "data" / "*.tmp*"))  # the child cleaned up (a SIGKILL would leave it)

@@ -108,7 +108,14 @@ def pretrain_default(env_id, path):
     """Run pretrain.py's default recipe (seed 1 whatever the run's seed, so the default checkpoint is one file)."""
     print(f"no pretrained checkpoint at {path}: running the default pretraining first (pretrain.py)", flush=True)
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain.py")
-    if subprocess.run([sys.executable, script, "--env-id", env_id, "--output", path]).returncode != 0:
+    child = subprocess.Popen([sys.executable, script, "--env-id", env_id, "--output", path])
+    try:
+        code = child.wait()
+    except BaseException:  # Ctrl-C or SIGTERM of this process: the child stops the same way, writing nothing
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+        raise
+    if code != 0:
         raise UserError(f"the default pretraining failed; run `python pretrain.py --env-id {env_id}` to see why.")
 
 
@@ -305,6 +312,7 @@ class Run:
         for group in [*lanes, self.eval_lanes]:
             group.close()
         self.writer.close()
+        self.lock.close()  # the run folder is free for a --resume
         over = self.env_steps - self.args.total_env_steps
         if over > 0 and self.wall() < 60 * (self.args.max_wall_minutes or float("inf")):
             print(f"note: the last iteration ran {over} env steps past --total-env-steps (iterations are never cut)")
