@@ -333,8 +333,12 @@ def main(args: Args):
     apply_threads(args.torch_threads)
     env = dt_grpo.make_env(args.env_id)
     output = args.output or default_output(args, dataset_id(args))
+    if os.path.isdir(output):
+        raise UserError(f"--output {output!r} is a folder; pass the checkpoint's file name (e.g. {output}/ck.pt).")
     check_writable(os.path.dirname(os.path.abspath(output)))
     check_writable("runs")
+    if args.dataset == "random":  # the generated data are cached there before any training
+        check_writable(args.data_dir)
     eps, source = load_dataset(args)
     all_obs = np.concatenate([e["observations"] for e in eps])
     obs64 = all_obs.astype(np.float64)  # float32 squares of 1e20 already overflow

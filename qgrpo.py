@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dt_grpo
 from infra.checks import check_args as check_grpo_args
 from infra.checks import check_ranges
-from infra.run import Run, UserError, cli
+from infra.run import Run, UserError, check_memory, cli
 
 
 @dataclass
@@ -222,6 +222,9 @@ def main(args: Args):
     critic, critic_targ = TwinQ(model.obs_dim, model.act_dim).to(device), TwinQ(model.obs_dim, model.act_dim).to(device)
     critic_targ.load_state_dict(critic.state_dict())
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    K = model.input_steps if args.target_action == "policy" else 0
+    per_row = 4 * (2 * model.obs_dim + 2 * model.act_dim + 2 + K * (1 + model.obs_dim + model.act_dim + 2) + K // 4)
+    check_memory(f"a replay of {args.buffer_size} transitions", args.buffer_size * per_row, "--buffer-size")
     replay = Replay(model.obs_dim, model.act_dim, args.buffer_size,
                     context=model.input_steps if args.target_action == "policy" else 0)
     lanes = dt_grpo.Lanes(args.env_id, args.num_rollouts, args.sim_workers)

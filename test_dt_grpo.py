@@ -1818,3 +1818,24 @@ def test_sigterm_during_the_automatic_default_pretraining_stops_both_and_leaves_
     assert "default pretraining failed" not in err
     assert not glob.glob(str(tmp_path / "checkpoints" / "*.pt")) and not os.path.exists(tmp_path / "runs")
     assert not glob.glob(str(tmp_path / "data" / "*.tmp*"))  # the child cleaned up (a SIGKILL would leave it)
+
+
+def test_work_that_cannot_be_kept_is_refused_before_it_starts(tmp_path, tiny_ckpt, monkeypatch):
+    (tmp_path / "out").mkdir()
+    p = run("pretrain.py", "--output", "out", *TINY_MODEL, cwd=tmp_path, expect=2)  # a folder, not a file
+    assert_one_line_error(p, "--output", "is a folder")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # (root can write anywhere)
+            p = run("pretrain.py", "--data-dir", "ro/data", *TINY_MODEL, cwd=tmp_path, expect=2)
+            assert_one_line_error(p, "cannot write", "ro/data")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
+    with pytest.raises(infra_run.UserError, match=r"100000000 simulator lanes needs about .* GiB.*lower the lane count"):
+        dt_grpo.Lanes("Hopper-v4", 10**8)
+    p = run("qgrpo.py", "--checkpoint", tiny_ckpt, "--buffer-size", str(4 * 10**9), "--num-rollouts", "2",
+            "--total-env-steps", "10", cwd=tmp_path, expect=2)
+    assert_one_line_error(p, "replay of 4000000000 transitions", "--buffer-size")
+    assert not os.path.exists(tmp_path / "runs")  # and no run folder left

@@ -68,6 +68,10 @@ class Lanes:
     every operation runs on all shares at the same time."""
 
     def __init__(self, make, n: int, workers: int = 0):
+        from infra.run import check_memory  # (infra.run imports dt_grpo, which imports this module)
+
+        check_memory(f"{n} simulator lanes", n * 1.2 * 2**20, "the lane count (--num-resets x --group-size, "
+                     "--num-rollouts or --eval-episodes)")  # ~1.1 MB per MuJoCo env, measured
         probe = make()  # a bad env fails here, in this process
         limit = probe.spec.max_episode_steps if probe.spec and probe.spec.max_episode_steps else 1000
         self.n, self.horizon, self.dt = n, int(limit), getattr(probe.unwrapped, "dt", np.nan)

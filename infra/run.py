@@ -61,6 +61,18 @@ def check_writable(folder):
                         "or pass another output path.")
 
 
+def check_memory(what, n_bytes, flag):
+    """One line before the work when an allocation would not fit in the memory available now (Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = 1024 * int(next(line.split()[1] for line in f if line.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError):
+        return
+    if n_bytes > avail:
+        raise UserError(f"{what} needs about {n_bytes / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB are available; "
+                        f"lower {flag}.")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
