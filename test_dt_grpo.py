@@ -1833,7 +1833,7 @@ def test_work_that_cannot_be_kept_is_refused_before_it_starts(tmp_path, tiny_ckp
     finally:
         os.chmod(tmp_path / "ro", 0o755)
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
-    with pytest.raises(infra_run.UserError, match=r"100000000 simulator lanes needs about .* GiB.*lower the lane count"):
+    with pytest.raises(infra_run.UserError, match=r"100000000 simulator lanes needs about .* GiB.*lower the lane"):
         dt_grpo.Lanes("Hopper-v4", 10**8)
     p = run("qgrpo.py", "--checkpoint", tiny_ckpt, "--buffer-size", str(4 * 10**9), "--num-rollouts", "2",
             "--total-env-steps", "10", cwd=tmp_path, expect=2)
