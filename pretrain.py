@@ -146,10 +146,22 @@ def split_episodes(obs, act, rew, ends, qpos=None, qvel=None, terminals=None):
     return eps
 
 
+def numeric(f, key, ndim, where=""):
+    """f[key] as a float32 array of `ndim` dimensions, or one line naming the array and what it is instead."""
+    item = f[key]
+    if not isinstance(item, h5py.Dataset):
+        raise UserError(f"{where}{key} is a group, not an array; only flat Box observations and actions are supported.")
+    if item.dtype.kind not in "fiub":
+        raise UserError(f"{where}{key} holds {item.dtype} values, not numbers; is the file a D4RL or Minari dataset?")
+    if item.ndim != ndim:
+        raise UserError(f"{where}{key} has shape {item.shape}; expected {ndim} dimension(s) (steps x features).")
+    return item[()].astype(np.float32)
+
+
 def read_d4rl(f):
     """D4RL v2 layout: flat `observations, actions, rewards, terminals, timeouts`, optional infos/qpos, infos/qvel."""
     g = lambda k: f[k][()]  # noqa: E731
-    obs, act, rew = g("observations").astype(np.float32), g("actions").astype(np.float32), g("rewards").reshape(-1)
+    obs, act, rew = numeric(f, "observations", 2), numeric(f, "actions", 2), g("rewards").reshape(-1)
     terminals = ends = g("terminals").reshape(-1).astype(bool)
     if "timeouts" in f:
         ends = ends | g("timeouts").reshape(-1).astype(bool)
@@ -163,13 +175,19 @@ def read_d4rl(f):
 def read_minari(f):
     """Minari main_data.hdf5: one group `episode_<n>` per episode, `observations` has T+1 rows (the last one is
     the final observation and is dropped)."""
-    names = sorted((k for k in f.keys() if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
+    names = sorted((k for k in f.keys() if k.split("_")[0] == "episode" and k.split("_")[-1].isdigit()),
+                   key=lambda k: int(k.split("_")[1]))  # episode_<n> only (not episode_last or the like)
     eps = []
     for name in names:
         ep = f[name]
         if not isinstance(ep["observations"], h5py.Dataset):
             raise UserError(f"{name} has dict observations; only flat Box observations are supported.")
         T = len(ep["actions"])
+        if T == 0:
+            continue  # an episode of 0 steps holds no transition
+        if len(ep["observations"]) < T + 1:
+            raise UserError(f"{name}: observations have {len(ep['observations'])} rows for {T} actions; Minari "
+                            "stores T + 1 (the final observation). The file is damaged or not Minari.")
         term = ep["terminations"][()] if "terminations" in ep else np.zeros(1, bool)
         eps.append(dict(observations=ep["observations"][()][:T].astype(np.float32),
                         actions=ep["actions"][()].astype(np.float32), rewards=ep["rewards"][()].astype(np.float64),

@@ -1839,3 +1839,48 @@ def test_work_that_cannot_be_kept_is_refused_before_it_starts(tmp_path, tiny_ckp
             "--total-env-steps", "10", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "replay of 4000000000 transitions", "--buffer-size")
     assert not os.path.exists(tmp_path / "runs")  # and no run folder left
+
+
+def write_minari_episodes(path, lens=(3, 5), extra=None):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for i, T in enumerate(lens):
+            g = f.create_group(f"episode_{i}")
+            g["observations"] = np.full((T + 1, 11), i, np.float32)
+            g["actions"] = rng.uniform(-1, 1, (T, 3)).astype(np.float32)
+            g["rewards"] = np.ones(T)
+            g["terminations"], g["truncations"] = np.zeros(T, bool), np.zeros(T, bool)
+        if extra:
+            extra(f)
+
+
+def test_minari_quirks_load_or_fail_with_one_line_naming_the_episode(tmp_path):
+    p = str(tmp_path / "main_data.hdf5")
+    write_minari_episodes(p, extra=lambda f: f.create_group("episode_last"))  # not an episode_<n>: ignored
+    assert [len(e["rewards"]) for e in pretrain.load_hdf5(p, "Hopper-v4")] == [3, 5]
+    write_minari_episodes(p, lens=(3, 0, 5))  # a 0-step episode holds no transition: skipped
+    assert [len(e["rewards"]) for e in pretrain.load_hdf5(p, "Hopper-v4")] == [3, 5]
+
+    def short(f):
+        del f["episode_1/observations"]
+        f["episode_1/observations"] = np.zeros((5, 11), np.float32)  # T rows, not T + 1
+
+    write_minari_episodes(p, extra=short)
+    with pytest.raises(infra_run.UserError, match=r"episode_1: observations have 5 rows for 5 actions"):
+        pretrain.load_hdf5(p, "Hopper-v4")
+
+
+@pytest.mark.parametrize("obs, words", [(np.zeros(12, np.float32), "shape (12,)"),
+                                        (np.zeros((12, 11, 2), np.float32), "shape (12, 11, 2)"),
+                                        (np.array([b"x"] * 12), "not numbers"), ("group", "is a group")])
+def test_d4rl_observations_of_another_form_fail_with_one_line(tmp_path, obs, words):
+    p = str(tmp_path / "d.hdf5")
+    write_d4rl(p)
+    with h5py.File(p, "r+") as f:
+        del f["observations"]
+        if isinstance(obs, str):
+            f.create_group("observations")["a"] = np.zeros((12, 11))
+        else:
+            f["observations"] = obs
+    with pytest.raises(infra_run.UserError, match=re.escape(words)):
+        pretrain.load_hdf5(p, "Hopper-v4")
