@@ -1377,7 +1377,8 @@ cells:
   ok: {{}}
   bad: {{group-size: 1}}
 """)
-    p = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--num-cpus", "2", cwd=tmp_path, expect=1)
+    p = run("experiments/sweep.py", os.path.relpath(grid, tmp_path.parent), "--workdir", str(tmp_path),
+            "--num-cpus", "2", cwd=tmp_path.parent, expect=1)  # a grid path relative to the caller's folder, not the workdir
     assert "Hopper-v4__bad__seed1 failed (exit 2); retrying" in p.stdout and "1 trials failed" in p.stdout
     done = sorted(os.listdir(tmp_path / "sweeps" / "tiny"))
     assert "Hopper-v4__ok__seed1.json" in done
@@ -1884,3 +1885,13 @@ def test_d4rl_observations_of_another_form_fail_with_one_line(tmp_path, obs, wor
             f["observations"] = obs
     with pytest.raises(infra_run.UserError, match=re.escape(words)):
         pretrain.load_hdf5(p, "Hopper-v4")
+
+
+def test_report_errors_are_one_line(tmp_path):
+    assert_one_line_error(run("experiments/report.py", "runs/nope", "--out", "x", cwd=tmp_path, expect=2),
+                          "not found")
+    assert_one_line_error(run("experiments/report.py", "--grid", "none.yaml", cwd=tmp_path, expect=2), "not found")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert_one_line_error(run("experiments/report.py", "runs/r", "--out", "file/out", cwd=tmp_path, expect=2),
+                          "cannot write", "--out")

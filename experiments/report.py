@@ -155,11 +155,28 @@ def main(argv=None):
     p.add_argument("--log-steps", action="store_true", help="env-step axis in log scale (methods far apart in steps)")
     a = p.parse_args(argv)
     dirs, out = list(a.runs), a.out
+    missing = [d for d in dirs if not os.path.isdir(d)]
+    if missing:
+        print(f"error: run folder {missing[0]!r} not found; pass folders under runs/", file=sys.stderr)
+        return 2
     if a.grid:
-        found, default_out = grid_runs(a.grid, os.path.abspath(a.workdir))
+        import sweep
+
+        try:
+            found, default_out = grid_runs(a.grid, os.path.abspath(a.workdir))
+        except sweep.GridError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         dirs, out = dirs + found, out or default_out
     if not dirs or not out:
         print("error: pass run folders and --out, or --grid GRID.yaml", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".md", "a"):
+            pass
+    except OSError as e:
+        print(f"error: cannot write {out}.md ({e.strerror}); pass another --out", file=sys.stderr)
         return 2
     groups = defaultdict(list)
     for d in sorted(dirs):

@@ -221,8 +221,8 @@ def main(argv=None):
             print(f"[sweep] {len(failed)} trials failed: {', '.join(failed)}; run the sweep again to retry them",
                   flush=True)
     if not a.no_report:
-        subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), "--grid", a.grid,
-                        "--workdir", workdir], cwd=workdir)
+        subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), "--grid",
+                        os.path.abspath(a.grid), "--workdir", workdir], cwd=workdir)  # the grid from the caller's cwd
     return 1 if failed else 0
 
 
