@@ -1379,7 +1379,7 @@ cells:
   bad: {{group-size: 1}}
 """)
     p = run("experiments/sweep.py", os.path.relpath(grid, tmp_path.parent), "--workdir", str(tmp_path),
-            "--num-cpus", "2", cwd=tmp_path.parent, expect=1)  # a grid path relative to the caller's folder, not the workdir
+            "--num-cpus", "2", cwd=tmp_path.parent, expect=1)  # a grid relative to the caller's cwd
     assert "Hopper-v4__bad__seed1 failed (exit 2); retrying" in p.stdout and "1 trials failed" in p.stdout
     done = sorted(os.listdir(tmp_path / "sweeps" / "tiny"))
     assert "Hopper-v4__ok__seed1.json" in done
