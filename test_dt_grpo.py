@@ -1344,8 +1344,8 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
     pytest.importorskip("stable_baselines3", reason="pip install -r experiments/requirements.txt")
     p = run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", "--eval-every", "200", "--learning-starts",
             "100", "--collect-steps", "300", "--eval-episodes", "1", "--band", "-1000", "100000", "--min-speed", "-9",
-            cwd=tmp_path)
-    assert "medium: 300 transitions" in p.stdout
+            "--behaviour-dir", "beh", cwd=tmp_path)
+    assert "medium: 300 transitions" in p.stdout and "random: 300 transitions" in p.stdout
     env = dt_grpo.make_env("Hopper-v4")
     env.reset(seed=0)
     for name, n in [("medium", 300), ("medium-replay", 200)]:  # the band holds at the first evaluation (step 200)
@@ -1361,6 +1361,11 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
             np.testing.assert_allclose(env.unwrapped._get_obs(), obs[t], atol=1e-6)
         assert sum(len(e["rewards"]) for e in pretrain.load_hdf5(str(path), "Hopper-v4")) == n
     assert "cached" in run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", cwd=tmp_path).stdout
+    # the kept snapshot remakes `medium` without SAC, bit for bit (its digest was recorded at the first make)
+    os.remove(tmp_path / "data" / "Hopper-v4__medium__seed1.hdf5")
+    p = run("experiments/make_d4rl_like.py", "--datasets", "medium", "--collect-steps", "300", "--behaviour-dir", "beh",
+            cwd=tmp_path)
+    assert "medium: identical to the data first made" in p.stdout and "SAC step" not in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------------

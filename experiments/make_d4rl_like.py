@@ -1,27 +1,32 @@
-"""D4RL-recipe "medium" and "medium-replay" datasets, made locally with stable-baselines3's SAC.
+"""D4RL-like `medium`, `medium-replay` and `random` datasets, made locally with stable-baselines3's SAC.
 
-D4RL's recipe (Fu et al. 2020): train SAC until it reaches about a third of expert return; "medium" is 1M steps
-collected with that snapshot's *sampled* actions, "medium-replay" is everything SAC's replay buffer saw until
-then. Here: SAC trains until a deterministic evaluation lands in a return band (Hopper: 1,400-1,700 and moving
-forward, not standing), that snapshot collects --collect-steps (default 200k; D4RL: 1M) with sampled actions, and
-the training log up to the snapshot is the medium-replay set. Both are D4RL v2-layout HDF5 files with infos/qpos
-and infos/qvel, which `pretrain.py --dataset PATH` reads unchanged. Everything is cached under --data-dir.
+D4RL's recipe (Fu et al. 2020): train SAC until it reaches a "medium" level; `medium` is 1M steps of that
+snapshot's *sampled* actions, `medium-replay` everything SAC's replay buffer saw until then, `random` 1M steps of
+a randomly initialised policy. Here SAC trains until an evaluation **with sampled actions** (the statistic of the
+`medium` data themselves) lands within ±10% of D4RL's medium mean return and moves forward. The snapshot's actor
+(about 300 KB) is kept in the repository (`experiments/behaviour/`), so that `medium` and `random` regenerate in
+minutes on a new machine without SAC; only `medium-replay` needs the SAC run again. SAC's state is saved every
+--save-every steps, and a killed run continues where it stopped. All files are D4RL v2 HDF5 with infos/qpos and
+infos/qvel, which `pretrain.py --dataset PATH` reads unchanged.
 
     pip install -r experiments/requirements.txt
     python experiments/make_d4rl_like.py --env-id Hopper-v4
     python pretrain.py --dataset data/Hopper-v4__medium__seed1.hdf5
 """
 
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-import gymnasium as gym
 import h5py
 import numpy as np
 import torch
+import torch.nn as nn
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,9 +35,18 @@ from infra.checks import check_ranges  # noqa: E402
 from infra.run import check_writable, die  # noqa: E402
 from dt_grpo import UserError  # noqa: E402
 
-# Deterministic-evaluation return band of the "medium" snapshot, per robot: about D4RL's medium returns
-# (hopper-medium-v2 1,422 mean; walker2d-medium-v2 2,852; halfcheetah-medium-v2 4,770).
-BANDS = {"hopper": (1400.0, 1700.0), "walker2d": (2500.0, 3200.0), "halfcheetah": (4000.0, 5000.0)}
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEHAVIOUR_DIR = os.path.join(HERE, "behaviour")
+
+# The released D4RL v2 files (transitions, episodes, mean return), as tabulated from the HDF5 files in the offline-RL
+# literature; the medium means agree with the normalized scores 44.3 and 62.1 usually quoted for them.
+D4RL = {
+    "hopper": {"medium": (1_000_000, 2186, 1422.1), "medium-replay": (402_000, 2041, 467.3),
+               "random": (1_000_000, 45_239, 18.4)},
+    "walker2d": {"medium": (1_000_000, 1191, 2852.1), "medium-replay": (302_000, 1093, 682.7),
+                 "random": (1_000_000, 48_908, 1.9)},
+}
+DATASETS = ("medium", "medium-replay", "random")
 
 
 @dataclass
@@ -41,78 +55,83 @@ class Args:
     """the id of the MuJoCo environment"""
     seed: int = 1
     """seed of SAC, the environment and the collection"""
+    datasets: tuple[Literal["medium", "medium-replay", "random"], ...] = DATASETS
+    """which datasets to make (medium-replay needs the SAC run; medium needs it only without a kept snapshot)"""
     band: Optional[tuple[float, float]] = None
-    """deterministic-evaluation return band that ends SAC training; default: per-robot table (hopper 1400 1700)"""
+    """sampled-action evaluation return band that ends SAC training; default: D4RL's medium mean ±10%"""
     min_speed: float = 0.3
     """the snapshot must also move forward at least this fast on average (m/s): a standing policy is not medium"""
-    max_sac_steps: int = 400_000
+    max_sac_steps: int = 1_000_000
     """give up on the band after this many SAC env steps and keep the evaluation nearest to it (a warning says so)"""
     eval_every: int = 5_000
-    """SAC env steps between deterministic evaluations"""
-    eval_episodes: int = 5
-    """episodes per evaluation"""
-    collect_steps: int = 200_000
-    """env steps of the medium set, collected with the snapshot's sampled actions (D4RL: 1M)"""
+    """SAC env steps between evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation (sampled actions)"""
+    save_every: int = 25_000
+    """SAC env steps between saves of SAC's state (model, replay buffer, log): a killed run continues from there"""
+    collect_steps: int = 1_000_000
+    """env steps of `medium` and `random` (D4RL: 1M)"""
     learning_starts: int = 10_000
     """SAC: uniform-random steps before learning (SB3 default 100; the SAC paper used 10k)"""
     data_dir: str = "data"
-    """where the datasets and the SAC snapshot are cached"""
+    """where the datasets and SAC's state are written"""
+    behaviour_dir: str = BEHAVIOUR_DIR
+    """where the medium snapshot's actor is kept (the repository's experiments/behaviour/)"""
     torch_threads: int = 1
     """torch CPU threads (1 is fastest for SAC's small networks)"""
 
 
-class Recorder(gym.Wrapper):
-    """Records every transition in D4RL's flat layout: the state before the step (observation, qpos, qvel), the
-    action, reward, terminal and timeout."""
+# ---------------------------------------------------------------------------------------------------
+# The behaviour policy: SB3's SAC actor in plain torch (a tanh-squashed Gaussian), so collection needs no SB3
+# ---------------------------------------------------------------------------------------------------
+class Actor(nn.Module):
+    """SB3's SAC actor: 256-256 ReLU trunk, mean and log-std heads (log-std clamped to [-20, 2]), tanh squash."""
 
-    def __init__(self, env):
-        super().__init__(env)
-        self.cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "qpos", "qvel")}
-        self.obs = None
+    def __init__(self, obs_dim, act_dim, hidden=256):
+        super().__init__()
+        self.latent_pi = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
 
-    def reset(self, **kw):
-        self.obs, info = self.env.reset(**kw)
-        return self.obs, info
-
-    def step(self, act):
-        data = self.env.unwrapped.data
-        qpos, qvel = data.qpos.copy(), data.qvel.copy()
-        nxt, r, terminated, truncated, info = self.env.step(act)
-        for k, v in zip(self.cols, (self.obs, act, r, terminated, truncated, qpos, qvel)):
-            self.cols[k].append(np.array(v, copy=True))
-        self.obs = nxt
-        return nxt, r, terminated, truncated, info
+    @torch.no_grad()
+    def act(self, obs, generator=None, deterministic=False):
+        h = self.latent_pi(torch.as_tensor(obs, dtype=torch.float32))
+        mean = self.mu(h)
+        if deterministic:
+            return torch.tanh(mean).numpy()
+        std = self.log_std(h).clamp(-20.0, 2.0).exp()
+        return torch.tanh(mean + std * torch.randn(mean.shape, generator=generator)).numpy()
 
 
-def write_d4rl(cols, n, path, attrs):
-    """The first n recorded transitions as a D4RL v2 HDF5 file; the last one is marked a timeout (the budget ends
-    the episode). Written to a temporary file and renamed: never half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    timeouts = np.asarray(cols["timeouts"][:n], bool).copy()
-    timeouts[-1] = not cols["terminals"][n - 1]
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k in ("observations", "actions", "rewards"):
-                f[k] = np.asarray(cols[k][:n], np.float32)
-            f["terminals"], f["timeouts"] = np.asarray(cols["terminals"][:n], bool), timeouts
-            f["infos/qpos"], f["infos/qvel"] = np.asarray(cols["qpos"][:n]), np.asarray(cols["qvel"][:n])
-            f.attrs.update(attrs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def actor_from_sb3(model):
+    """Our Actor holding the weights of an SB3 SAC model's actor (same layer names)."""
+    sb3 = model.actor
+    actor = Actor(sb3.latent_pi[0].in_features, sb3.mu.out_features, sb3.mu.in_features)
+    actor.load_state_dict({k: v for k, v in sb3.state_dict().items()
+                           if k.split(".")[0] in ("latent_pi", "mu", "log_std")})
+    return actor
 
 
-def evaluate(policy, env_id, episodes, seed):
-    """Deterministic SAC evaluation: mean return and mean forward speed (x displacement / time)."""
+def snapshot_path(args):
+    return os.path.join(args.behaviour_dir, f"{args.env_id}__seed{args.seed}.pt")
+
+
+def load_snapshot(path):
+    snap = torch.load(path, weights_only=True)
+    actor = Actor(snap["obs_dim"], snap["act_dim"])
+    actor.load_state_dict(snap["actor"])
+    return actor, snap
+
+
+def evaluate(actor, env_id, episodes, seed, deterministic=False):
+    """Mean return and mean forward speed (x displacement / time) of `episodes` episodes."""
     env = dt_grpo.make_env(env_id)
+    gen = torch.Generator().manual_seed(seed)
     rets, speeds = [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
         x0, ret, steps, done = env.unwrapped.data.qpos[0], 0.0, 0, False
         while not done:
-            obs, r, terminated, truncated, _ = env.step(policy.predict(obs, deterministic=True)[0])
+            obs, r, terminated, truncated, _ = env.step(actor.act(obs, gen, deterministic))
             ret, steps, done = ret + r, steps + 1, terminated or truncated
         rets.append(ret)
         speeds.append((env.unwrapped.data.qpos[0] - x0) / (steps * env.unwrapped.dt))
@@ -120,97 +139,262 @@ def evaluate(policy, env_id, episodes, seed):
     return float(np.mean(rets)), float(np.mean(speeds))
 
 
-def train_sac(args, band, path_model, path_replay):
-    """SAC (SB3 defaults otherwise) until an evaluation lands in the band; returns the snapshot's evaluation."""
+# ---------------------------------------------------------------------------------------------------
+# Recording and writing in D4RL's layout
+# ---------------------------------------------------------------------------------------------------
+COLS = ("observations", "actions", "rewards", "terminals", "timeouts", "qpos", "qvel")
+
+
+def recorder(env):
+    """The env wrapped so that every transition is recorded in D4RL's flat layout: the state before the step
+    (observation, qpos, qvel), the action, reward, terminal and timeout."""
+    import gymnasium as gym
+
+    class Recorder(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.cols, self.obs = {k: [] for k in COLS}, None
+
+        def reset(self, **kw):
+            self.obs, info = self.env.reset(**kw)
+            return self.obs, info
+
+        def step(self, act):
+            data = self.env.unwrapped.data
+            qpos, qvel = data.qpos.copy(), data.qvel.copy()
+            nxt, r, terminated, truncated, info = self.env.step(act)
+            for k, v in zip(COLS, (self.obs, act, r, terminated, truncated, qpos, qvel)):
+                self.cols[k].append(np.array(v, copy=True))
+            self.obs = nxt
+            return nxt, r, terminated, truncated, info
+
+    return Recorder(env)
+
+
+def as_arrays(cols, n):
+    """The first n recorded transitions as arrays; the last one ends its episode (a timeout unless terminal)."""
+    out = {k: np.asarray(cols[k][:n], np.float32 if k in ("observations", "actions", "rewards") else None)
+           for k in COLS}
+    out["terminals"], out["timeouts"] = out["terminals"].astype(bool), out["timeouts"].astype(bool).copy()
+    out["timeouts"][-1] = not out["terminals"][-1]
+    return out
+
+
+def digest(arrays):
+    """sha256 of the observations, actions and rewards: equal on a remake means the same data, bit for bit."""
+    h = hashlib.sha256()
+    for k in ("observations", "actions", "rewards"):
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+def write_d4rl(arrays, path, attrs):
+    """A D4RL v2 HDF5 file, written to a temporary file and renamed: never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k in ("observations", "actions", "rewards", "terminals", "timeouts"):
+                f[k] = arrays[k]
+            f["infos/qpos"], f["infos/qvel"] = arrays["qpos"], arrays["qvel"]
+            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def describe(arrays, env_id):
+    """Transitions, episodes, mean and std of the episode returns, mean normalized score."""
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    rets = np.array([s.sum() for s in np.split(arrays["rewards"].astype(np.float64), ends + 1)[:len(ends)]])
+    return dict(transitions=len(arrays["rewards"]), episodes=len(rets), return_mean=float(rets.mean()),
+                return_std=float(rets.std()), normalized=float(dt_grpo.normalized_score(env_id, rets.mean())))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SAC until the band (resumable), the medium-replay log, collection with a policy
+# ---------------------------------------------------------------------------------------------------
+def train_sac(args, band, state_dir):
+    """SAC (SB3 defaults otherwise) until a sampled-action evaluation lands in the band. Returns the training log
+    up to the snapshot (the medium-replay arrays) and the snapshot's record; the snapshot's actor is saved."""
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    rec = Recorder(dt_grpo.make_env(args.env_id))
-    model = SAC("MlpPolicy", rec, seed=args.seed, learning_starts=args.learning_starts, verbose=0, device="cpu")
-    state = dict(best=None, t0=time.time())
+    rec = recorder(dt_grpo.make_env(args.env_id))
+    paths = {k: os.path.join(state_dir, k) for k in ("sac.zip", "buffer.pkl", "log.npz", "state.json")}
+    if os.path.isfile(paths["state.json"]):  # continue a killed run from its last save
+        with open(paths["state.json"]) as f:
+            state = json.load(f)
+        model = SAC.load(paths["sac.zip"], env=rec, device="cpu")
+        model.load_replay_buffer(paths["buffer.pkl"])
+        with np.load(paths["log.npz"]) as log:
+            rec.cols = {k: list(log[k]) for k in COLS}
+        rec.cols["timeouts"][-1] = rec.cols["timeouts"][-1] or not rec.cols["terminals"][-1]  # the cut episode
+        print(f"resuming SAC from step {state['steps']} ({state_dir})", flush=True)
+    else:
+        model = SAC("MlpPolicy", rec, seed=args.seed, learning_starts=args.learning_starts, verbose=0, device="cpu")
+        state = dict(steps=0, best=None, wall_s=0.0)
     lo, hi = band
+    t0, n0 = time.time(), state["steps"]
+
+    def save_state(n):
+        state.update(steps=n, wall_s=state["wall_s"] + time.time() - save_state.t)
+        save_state.t = time.time()
+        os.makedirs(state_dir, exist_ok=True)
+        model.save(paths["sac.zip"] + ".tmp.zip")
+        model.save_replay_buffer(paths["buffer.pkl"] + ".tmp.pkl")
+        np.savez(paths["log.npz"] + ".tmp.npz", **{k: np.asarray(v) for k, v in rec.cols.items()})
+        with open(paths["state.json"] + ".tmp", "w") as f:
+            json.dump(state, f)
+        for k, ext in [("sac.zip", ".tmp.zip"), ("buffer.pkl", ".tmp.pkl"), ("log.npz", ".tmp.npz"),
+                       ("state.json", ".tmp")]:  # state.json last: it names a complete save
+            os.replace(paths[k] + ext, paths[k])
+    save_state.t = time.time()
 
     class BandStop(BaseCallback):
         def _on_step(self):
             n = self.num_timesteps
+            if n % args.save_every == 0 and n < args.max_sac_steps:
+                save_state(n)
             if n % args.eval_every:
                 return True
-            ret, speed = evaluate(self.model, args.env_id, args.eval_episodes, seed=10_000 + n)
+            actor = actor_from_sb3(self.model)
+            ret, speed = evaluate(actor, args.env_id, args.eval_episodes, seed=10_000 + n)
             gap = max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
-            if state["best"] is None or gap < state["best"][0]:
-                state["best"] = (gap, n, ret, speed)
-                self.model.save(path_model)  # the snapshot nearest to the band so far
-            sps = n / (time.time() - state["t0"])
-            print(f"SAC step {n}/{args.max_sac_steps}: eval return {ret:.0f}, {speed:.2f} m/s "
-                  f"({sps:.0f} steps/s, at most {(args.max_sac_steps - n) / sps / 60:.0f} min left)", flush=True)
+            if state["best"] is None or gap < state["best"]["gap"]:
+                state["best"] = dict(gap=gap, steps=n, eval_return=ret, eval_speed=speed)
+                save_snapshot(args, actor, state["best"])  # the snapshot nearest to the band so far
+            sps = (n - n0) / (time.time() - t0)
+            print(f"SAC step {n}/{args.max_sac_steps}: sampled-action return {ret:.0f} (band {lo:.0f}-{hi:.0f}), "
+                  f"{speed:.2f} m/s ({sps:.0f} steps/s, at most {(args.max_sac_steps - n) / sps / 60:.0f} min left)",
+                  flush=True)
             return gap > 0  # stop inside the band
 
-    model.learn(total_timesteps=args.max_sac_steps, callback=BandStop())
-    gap, n, ret, speed = state["best"]
-    if gap > 0:
+    model.learn(total_timesteps=args.max_sac_steps - n0, callback=BandStop(), reset_num_timesteps=n0 == 0)
+    best = state["best"]
+    if best["gap"] > 0:
         print(f"warning: no evaluation landed in the band {band} by {args.max_sac_steps} SAC steps; keeping the "
-              f"nearest one (step {n}, return {ret:.0f}, {speed:.2f} m/s)", file=sys.stderr)
-    attrs = dict(env_id=args.env_id, seed=args.seed, sac_steps=n, behaviour_eval_return=ret,
-                 behaviour_eval_speed=speed, sac_wall_s=time.time() - state["t0"],
-                 generator="dt_grpo experiments/make_d4rl_like.py: SAC training log up to the medium snapshot")
-    write_d4rl(rec.cols, n, path_replay, attrs)  # the replay set: every transition up to the snapshot
+              f"nearest one (step {best['steps']}, return {best['eval_return']:.0f})", file=sys.stderr)
+    wall = state["wall_s"] + time.time() - save_state.t
     rec.close()
-    return attrs
+    return as_arrays(rec.cols, best["steps"]), dict(best, sac_wall_s=wall)
 
 
-def collect(args, path_model, path_medium, sac_attrs):
-    """--collect-steps with the snapshot's sampled actions (stochastic SAC policy), episodes reset as they end."""
-    from stable_baselines3 import SAC
+def save_snapshot(args, actor, record):
+    snap = dict(actor=actor.state_dict(), obs_dim=actor.latent_pi[0].in_features, act_dim=actor.mu.out_features,
+                env_id=args.env_id, seed=args.seed, sac_steps=record["steps"], eval_return=record["eval_return"],
+                eval_speed=record["eval_speed"])
+    os.makedirs(args.behaviour_dir, exist_ok=True)
+    tmp = snapshot_path(args) + f".tmp{os.getpid()}"
+    torch.save(snap, tmp)
+    os.replace(tmp, snapshot_path(args))
 
-    policy = SAC.load(path_model, device="cpu")
-    policy.set_random_seed(args.seed + 1)
-    rec = Recorder(dt_grpo.make_env(args.env_id))
-    obs, _ = rec.reset(seed=args.seed + 1)
+
+def collect(actor, env_id, steps, seed):
+    """`steps` env steps of the actor's sampled actions, episodes reset as they end; returns the arrays."""
+    rec = recorder(dt_grpo.make_env(env_id))
+    gen = torch.Generator().manual_seed(seed)
+    obs, _ = rec.reset(seed=seed)
     t0 = time.time()
-    for i in range(args.collect_steps):
-        obs, _, terminated, truncated, _ = rec.step(policy.predict(obs, deterministic=False)[0])
+    for i in range(steps):
+        obs, _, terminated, truncated, _ = rec.step(actor.act(obs, gen))
         if terminated or truncated:
             obs, _ = rec.reset()
-        if (i + 1) % 50_000 == 0:
+        if (i + 1) % 100_000 == 0:
             sps = (i + 1) / (time.time() - t0)
-            print(f"collected {i + 1}/{args.collect_steps} ({sps:.0f} steps/s, ETA "
-                  f"{(args.collect_steps - i - 1) / sps:.0f} s)", flush=True)
-    attrs = dict(sac_attrs, generator="dt_grpo experiments/make_d4rl_like.py: SAC medium snapshot, sampled actions")
-    write_d4rl(rec.cols, args.collect_steps, path_medium, attrs)
+            print(f"collected {i + 1}/{steps} ({sps:.0f} steps/s, ETA {(steps - i - 1) / sps:.0f} s)", flush=True)
     rec.close()
+    return as_arrays(rec.cols, steps)
+
+
+def check_digest(name, arrays, snap, key):
+    """Compare with the digest recorded when the kept snapshot first made this dataset; record it if new."""
+    d = digest(arrays)
+    if key not in snap:
+        return d
+    same = snap[key] == d
+    print(f"{name}: {'identical to' if same else 'differs from'} the data first made from this snapshot "
+          f"(sha256 {d[:12]}{'' if same else ' vs ' + snap[key][:12]}; a different CPU or library version can "
+          "change the last float bits, and a trajectory diverges from there)")
+    return d
 
 
 def main(args: Args):
-    check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, collect_steps=1,
-                                    learning_starts=0, torch_threads=1), positive=())
-    band = args.band or BANDS.get(dt_grpo.robot(args.env_id))
+    check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, save_every=1, collect_steps=1,
+                            learning_starts=0, torch_threads=1), positive=())
+    table = D4RL.get(dt_grpo.robot(args.env_id), {})
+    band = args.band or (tuple(x * table["medium"][2] for x in (0.9, 1.1)) if table else None)
     if band is None:
-        raise UserError(f"no default return band for {args.env_id}; pass --band LOW HIGH.")
+        raise UserError(f"no D4RL medium return for {args.env_id}; pass --band LOW HIGH.")
     if band[0] >= band[1]:
         raise UserError(f"--band must be LOW HIGH with LOW < HIGH (got {band[0]} {band[1]}).")
-    try:
-        import stable_baselines3  # noqa: F401
-    except ImportError:
-        raise UserError("stable-baselines3 is missing; run: pip install -r experiments/requirements.txt")
     torch.set_num_threads(args.torch_threads)
     dt_grpo.make_env(args.env_id).close()  # a bad --env-id fails here, in one line
     check_writable(args.data_dir)
     stem = os.path.join(args.data_dir, f"{args.env_id}__{{}}__seed{args.seed}")
-    path_model, path_replay, path_medium = stem.format("sac") + ".zip", stem.format("medium-replay") + ".hdf5", \
-        stem.format("medium") + ".hdf5"
-    if os.path.isfile(path_replay) and os.path.isfile(path_model):
-        print(f"cached: {path_replay} and {path_model}")
-        with h5py.File(path_replay, "r") as f:
-            sac_attrs = dict(f.attrs)
-    else:
-        sac_attrs = train_sac(args, band, path_model, path_replay)
-        print(f"medium-replay: {sac_attrs['sac_steps']} transitions -> {path_replay}")
-    if os.path.isfile(path_medium):
-        print(f"cached: {path_medium}")
-    else:
-        collect(args, path_model, path_medium, sac_attrs)
-        print(f"medium: {args.collect_steps} transitions -> {path_medium}")
-    return path_medium, path_replay
+    paths = {name: stem.format(name) + ".hdf5" for name in args.datasets}
+    todo = [name for name in args.datasets if not os.path.isfile(paths[name])]
+    for name in set(args.datasets) - set(todo):
+        print(f"cached: {paths[name]}")
+    need_sac = "medium-replay" in todo or ("medium" in todo and not os.path.isfile(snapshot_path(args)))
+    if need_sac:
+        check_writable(args.behaviour_dir)
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            raise UserError("stable-baselines3 is missing; run: pip install -r experiments/requirements.txt")
+    made = {}
+    if need_sac:
+        state_dir = stem.format("sac-state")
+        replay, record = train_sac(args, band, state_dir)
+        print(f"SAC reached the snapshot at step {record['steps']} in {record['sac_wall_s'] / 60:.1f} min")
+        if "medium-replay" in todo:
+            write_d4rl(replay, paths["medium-replay"], dict(
+                env_id=args.env_id, seed=args.seed, sac_steps=record["steps"], sac_wall_s=record["sac_wall_s"],
+                behaviour_eval_return=record["eval_return"], generator="make_d4rl_like.py: SAC's log to the snapshot"))
+            made["medium-replay"] = replay
+        shutil.rmtree(state_dir, ignore_errors=True)
+    snap = None
+    for name in ("medium", "random"):
+        if name not in todo:
+            continue
+        if name == "medium":
+            actor, snap = load_snapshot(snapshot_path(args))
+        else:  # D4RL's random: a randomly initialised policy of the same shape, sampled actions
+            env = dt_grpo.make_env(args.env_id)
+            torch.manual_seed(args.seed)
+            actor = Actor(env.observation_space.shape[0], env.action_space.shape[0])
+            env.close()
+        t0 = time.time()
+        arrays = collect(actor, args.env_id, args.collect_steps, seed=args.seed + 1)
+        attrs = dict(env_id=args.env_id, seed=args.seed, collect_wall_s=time.time() - t0,
+                     generator=f"make_d4rl_like.py: {name}, sampled actions of "
+                               f"{'the SAC snapshot' if name == 'medium' else 'a randomly initialised actor'}")
+        if name == "medium":
+            attrs.update(sac_steps=snap["sac_steps"], behaviour_eval_return=snap["eval_return"])
+            key = f"sha256_{args.collect_steps}"
+            d = check_digest(name, arrays, snap, key)
+            if key not in snap:  # the first dataset made from this snapshot: record its digest with it
+                snap[key] = d
+                torch.save(snap, snapshot_path(args))
+        write_d4rl(arrays, paths[name], attrs)
+        print(f"{name}: {args.collect_steps} transitions -> {paths[name]} ({time.time() - t0:.0f} s)")
+        made[name] = arrays
+    if made:
+        print(f"\n| {args.env_id} | transitions | episodes | return | normalized | D4RL v2 (transitions, episodes, "
+              "return, normalized) |\n|---|---|---|---|---|---|")
+        for name, arrays in made.items():
+            s = describe(arrays, args.env_id)
+            ref = table.get(name)
+            ref_txt = (f"{ref[0]:,}, {ref[1]:,}, {ref[2]:.0f}, {dt_grpo.normalized_score(args.env_id, ref[2]):.1f}"
+                       if ref else "")
+            print(f"| {name} | {s['transitions']:,} | {s['episodes']:,} | {s['return_mean']:.0f} ± "
+                  f"{s['return_std']:.0f} | {s['normalized']:.1f} | {ref_txt} |")
+            if name == "medium" and ref and not 0.8 <= s["return_mean"] / ref[2] <= 1.2:
+                print(f"warning: the medium data's mean return {s['return_mean']:.0f} is outside ±20% of D4RL's "
+                      f"{ref[2]:.0f}", file=sys.stderr)
+    return paths
 
 
 if __name__ == "__main__":
@@ -219,4 +403,5 @@ if __name__ == "__main__":
     except UserError as e:
         die(str(e), e.code)
     except KeyboardInterrupt:
-        die("interrupted; finished files are kept in --data-dir, the unfinished one is not written", 130)
+        die("interrupted; finished files are kept in --data-dir, SAC continues from its last save when run again",
+            130)
