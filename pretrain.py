@@ -7,6 +7,7 @@ entropy temperature with target entropy -act_dim. The checkpoint is what dt_grpo
 Run: python pretrain.py --env-id Hopper-v4
 """
 
+import dataclasses
 import os
 import shutil
 import time
@@ -64,18 +65,20 @@ class Args:
     """if toggled, add DT's absolute timestep embedding (off: random data never reach late timesteps)"""
     reward_scale: float = 0.001
     """returns-to-go are multiplied by this before they enter the model"""
-    num_steps: int = 2000
-    """gradient steps"""
-    batch_size: int = 64
-    """windows per batch"""
+    recipe: Literal["quick", "converged"] = "quick"
+    """quick: 2,000 steps of 64 windows (minutes; the README's start); converged: 10,000 of 256 with a curve"""
+    num_steps: Optional[int] = None
+    """gradient steps (quick 2,000; converged 10,000; raise it with --resume to train on)"""
+    batch_size: Optional[int] = None
+    """windows per batch (quick 64; converged 256)"""
     optimizer: Literal["adamw", "lamb"] = "adamw"
-    """adamw (this quick recipe) or lamb (ODT's: with --learning-rate 1e-4 --weight-decay 5e-4 --warmup-steps 10000)"""
+    """adamw (our recipes) or lamb (ODT's: with --learning-rate 1e-4 --weight-decay 5e-4 --warmup-steps 10000)"""
     learning_rate: float = 3e-4
     """learning rate after warm-up"""
     weight_decay: float = 1e-4
     """weight decay"""
-    warmup_steps: int = 300
-    """linear learning-rate warm-up"""
+    warmup_steps: Optional[int] = None
+    """linear learning-rate warm-up (quick 300; converged 1,000)"""
     max_grad_norm: float = 0.25
     """gradient-norm clip"""
     init_temperature: float = 0.1
@@ -85,7 +88,11 @@ class Args:
     eval_rtg: Optional[float] = None
     """RTG of the final evaluation; default: per-env table (hopper 3600)"""
     eval_episodes: int = 10
-    """deterministic evaluation episodes at the end"""
+    """deterministic evaluation episodes (at the end and at each point of the curve)"""
+    eval_every: Optional[int] = None
+    """the curve: evaluate on fresh start states and save a resumable state every N steps (quick 0: off; converged 500)"""
+    resume: bool = False
+    """continue an interrupted pretraining from <output>.partial (saved every --eval-every steps)"""
     log_every: int = 100
     """print and log every this many steps"""
 
@@ -309,11 +316,20 @@ class WindowSampler:
 # ---------------------------------------------------------------------------------------------------
 # Pretraining: NLL + entropy temperature (ODT's recipe)
 # ---------------------------------------------------------------------------------------------------
+RECIPES = {"quick": dict(num_steps=2000, batch_size=64, warmup_steps=300, eval_every=0),
+           "converged": dict(num_steps=10_000, batch_size=256, warmup_steps=1000, eval_every=500)}
+
+
+def resolve_recipe(args: Args) -> Args:
+    """Flags left unset take the recipe's value (so the checkpoint records what ran)."""
+    return dataclasses.replace(args, **{k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})
+
+
 def check_args(args: Args):
     """Every flag's range, before any work: one error line instead of a traceback after training."""
     check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
                                     num_steps=1, batch_size=1, warmup_steps=1, eval_episodes=1, log_every=1,
-                                    torch_threads=0, weight_decay=0, dropout=0),
+                                    torch_threads=0, weight_decay=0, dropout=0, eval_every=0),
                          positive=("learning_rate", "temperature_lr", "init_temperature", "max_grad_norm",
                                    "reward_scale"))
     if args.embed_dim % args.n_head:
@@ -345,6 +361,7 @@ def default_output(args: Args, data_id: str) -> str:
 
 
 def main(args: Args):
+    args = resolve_recipe(args)
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed)
@@ -387,20 +404,51 @@ def main(args: Args):
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
     target_entropy = -cfg.act_dim
 
-    run_dir = os.path.join("runs", new_run_dir(args))
+    global PARTIAL
+    PARTIAL = output + ".partial"
+    start = load_partial(args, output)
+    run_dir = start["run_dir"] if start and os.path.isdir(start["run_dir"]) else os.path.join("runs", new_run_dir(args))
     writer = make_writer(run_dir, args)
     try:
         out = train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler,
                              writer, env, dict(obs_mean=obs_mean, obs_std=obs_std, model_config=asdict(cfg),
-                                               data_source=source), output, device)
+                                               data_source=source, run_dir=run_dir), output, device, start)
     except BaseException:  # a failed or interrupted run leaves no folder with a lone events file behind
         writer.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if os.path.isdir("runs") and not os.listdir("runs"):
-            os.rmdir("runs")  # created for this run only
+        if not os.path.isfile(output + ".partial"):  # with a resumable state, its curve so far is kept
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if os.path.isdir("runs") and not os.listdir("runs"):
+                os.rmdir("runs")  # created for this run only
         raise
     writer.close()
     return out
+
+
+PARTIAL = None  # the resumable state of this process's pretraining, named by the Ctrl-C message
+RESUMABLE = ("num_steps", "resume", "torch_threads", "cuda")  # flags a resumed pretraining may change
+
+
+def load_partial(args, output):
+    """The state of an interrupted pretraining (<output>.partial) for --resume, or None; one line when a state is
+    there without --resume (never overwritten unasked) or was made with other flags."""
+    path = output + ".partial"
+    if not os.path.isfile(path):
+        if args.resume:
+            raise UserError(f"--resume: no interrupted pretraining at {path}; run without --resume to start one.")
+        return None
+    if not args.resume:
+        raise UserError(f"{path} holds an interrupted pretraining; pass --resume to continue it, or delete it to "
+                        "start over.")
+    start = torch.load(path, weights_only=False)
+    changed = [k for k, v in asdict(args).items() if k not in RESUMABLE and start["args"].get(k) != v]
+    if changed:
+        raise UserError(f"--resume with other flags than the interrupted pretraining ({', '.join(changed)}); only "
+                        f"{', '.join(RESUMABLE)} may change.")
+    if start["step"] >= args.num_steps:
+        raise UserError(f"--num-steps {args.num_steps} is not past the interrupted pretraining's step "
+                        f"{start['step']}; pass a larger --num-steps.")
+    print(f"resuming pretraining from step {start['step']} ({path})")
+    return start
 
 
 def make_optimizer(name, params, lr, weight_decay):
@@ -439,10 +487,37 @@ def odt_step(model, optimizer, log_temp, temp_optimizer, target_entropy, b, max_
 
 
 def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, target_entropy, sampler, writer, env,
-                   meta, output, device):
+                   meta, output, device, start=None):
+    curve, step0, wall0 = [], 0, 0.0
+    if start:  # --resume: every state that the next step reads, so the run continues as if never stopped
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        scheduler.load_state_dict(start["scheduler"])
+        temp_optimizer.load_state_dict(start["temp_optimizer"])
+        with torch.no_grad():
+            log_temp.copy_(start["log_temp"])
+        sampler.rng.bit_generator.state = start["sampler_rng"]
+        torch.set_rng_state(start["torch_rng"])
+        curve, step0, wall0 = start["curve"], start["step"], start["wall_s"]
+    eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
+    norm = dt_grpo.Normalizer(meta["obs_mean"], meta["obs_std"])
+    lanes = None
+
+    def evaluate(step, seed):
+        """One point of the curve: deterministic returns on eval_episodes fresh start states."""
+        nonlocal lanes
+        lanes = lanes or dt_grpo.Lanes(args.env_id, args.eval_episodes)
+        returns, lengths, _ = dt_grpo.evaluate(model, lanes, norm, args.reward_scale, eval_rtg, seed=seed)
+        score = dt_grpo.normalized_score(args.env_id, returns)
+        curve.append(dict(step=step, wall_s=wall0 + time.time() - t_start, normalized=float(score.mean()),
+                          normalized_std=float(score.std()), eval_return=float(returns.mean())))
+        writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        writer.add_scalar("eval/normalized_score", score.mean(), step)
+        return returns, lengths, score
+
     model.train()
     t_start = time.time()
-    for step in range(1, args.num_steps + 1):
+    for step in range(step0 + 1, args.num_steps + 1):
         b = {k: torch.as_tensor(v, device=device) for k, v in sampler.sample(args.batch_size).items()}
         loss, nll, entropy = odt_step(model, optimizer, log_temp, temp_optimizer, target_entropy, b,
                                       args.max_grad_norm)
@@ -458,25 +533,30 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
             print(f"step {step}/{args.num_steps} nll {nll.item():.3f} entropy {entropy.item():.2f} "
                   f"temperature {log_temp.exp().item():.3f} ({sps:.1f} steps/s, "
                   f"ETA {(args.num_steps - step) / sps:.0f} s)", flush=True)
+        if args.eval_every and step % args.eval_every == 0 and step < args.num_steps:
+            # the curve (seeds apart from the final evaluation's), then a state that --resume continues from
+            _, _, score = evaluate(step, seed=10_000 * args.seed + 1_000 + step)
+            print(f"curve: step {step} normalized {score.mean():.1f} +- {score.std():.1f}", flush=True)
+            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), temp_optimizer=temp_optimizer.state_dict(),
+                             log_temp=log_temp.detach().clone(), sampler_rng=sampler.rng.bit_generator.state,
+                             torch_rng=torch.get_rng_state(), curve=curve, step=step, args=asdict(args),
+                             wall_s=wall0 + time.time() - t_start, run_dir=meta["run_dir"]), output + ".partial")
 
     # Deterministic evaluation of the pretrained model (mean action, eval RTG).
-    eval_rtg = args.eval_rtg if args.eval_rtg is not None else dt_grpo.default_rtg(args.env_id)
-    model.eval()
-    lanes = dt_grpo.Lanes(args.env_id, args.eval_episodes)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError("the pretrained weights are not finite; lower --learning-rate. Nothing was written.")
-    norm = dt_grpo.Normalizer(meta["obs_mean"], meta["obs_std"])
-    returns, lengths, _ = dt_grpo.evaluate(model, lanes, norm, args.reward_scale, eval_rtg, seed=10_000 * args.seed)
-    score = dt_grpo.normalized_score(args.env_id, returns)
+    returns, lengths, score = evaluate(args.num_steps, seed=10_000 * args.seed)
     print(f"pretrained: return {returns.mean():.1f} +- {returns.std():.1f}, normalized {score.mean():.1f}, "
           f"length {lengths.mean():.0f} ({time.time() - t_start:.0f} s)")
-    writer.add_scalar("eval/episodic_return", returns.mean(), args.num_steps)
-    writer.add_scalar("eval/normalized_score", score.mean(), args.num_steps)
-    atomic_save(dict(meta, model=model.state_dict(), args=asdict(args), env_id=args.env_id,
-                             reward_scale=args.reward_scale, eval_return=float(returns.mean()),
-                             temperature=log_temp.exp().item(),
-                             pretrain_optimizer=dict(name=args.optimizer, steps=args.num_steps,
-                                                     state=optimizer.state_dict())), output)
+    atomic_save(dict({k: v for k, v in meta.items() if k != "run_dir"}, model=model.state_dict(), args=asdict(args),
+                     env_id=args.env_id, reward_scale=args.reward_scale, eval_return=float(returns.mean()),
+                     temperature=log_temp.exp().item(), pretrain_curve=curve,
+                     pretrain_wall_s=wall0 + time.time() - t_start,
+                     pretrain_optimizer=dict(name=args.optimizer, steps=args.num_steps,
+                                             state=optimizer.state_dict())), output)
+    if os.path.isfile(output + ".partial"):
+        os.remove(output + ".partial")
     print(f"checkpoint written to {output}")
     env.close()
     lanes.close()
@@ -491,4 +571,6 @@ if __name__ == "__main__":
         die(str(e), e.code)
     except KeyboardInterrupt as e:
         word, code = interrupted(e)
+        if PARTIAL and os.path.isfile(PARTIAL):
+            die(f"{word}; the same command with --resume continues from the state saved in {PARTIAL}", code)
         die(f"{word}; pretraining writes its checkpoint only at the end, so nothing was written", code)

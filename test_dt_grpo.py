@@ -63,9 +63,9 @@ def tiny_model(K=5, obs_dim=11, act_dim=3, seed=0, attention="window", time_embe
 
 def pretrain_tiny(folder, name, **kw):
     """A tiny pretrained Hopper-v4 checkpoint made in-process, in `folder` (its data cached there too)."""
-    args = pretrain.Args(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(folder / "data"),
-                         output=str(folder / name), embed_dim=32, n_layer=2, n_head=2, num_steps=20, batch_size=16,
-                         eval_episodes=2, log_every=10, cuda=False, **kw)
+    args = pretrain.Args(**{**dict(env_id="Hopper-v4", dataset_steps=1500, data_dir=str(folder / "data"),
+                                   output=str(folder / name), embed_dim=32, n_layer=2, n_head=2, num_steps=20,
+                                   batch_size=16, eval_episodes=2, log_every=10, cuda=False), **kw})
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -854,6 +854,38 @@ def test_non_finite_pretraining_loss_stops_with_one_line_and_leaves_no_run_folde
     p = run("pretrain.py", "--dataset", "d.hdf5", *TINY_MODEL, "--reward-scale", "1e38", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "--reward-scale")  # RTG tokens would overflow: caught before training
     assert_nothing_written(tmp_path)
+
+
+def test_an_interrupted_pretraining_resumes_exactly_and_keeps_its_curve(tmp_path, monkeypatch):
+    """--recipe converged's curve and resumable state: a run stopped after its step-4 save and resumed ends with
+    the weights, temperature and curve of a run never stopped; the state is never overwritten unasked."""
+    kw = dict(recipe="converged", num_steps=8, batch_size=8, eval_every=4, warmup_steps=3, dropout=0.1)
+    whole = torch.load(pretrain_tiny(tmp_path, "whole.pt", **kw), weights_only=False)
+    assert [p["step"] for p in whole["pretrain_curve"]] == [4, 8] and whole["args"]["warmup_steps"] == 3
+    real_step, calls = pretrain.odt_step, []
+
+    def stop_at_step_6(*a):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(*a)
+
+    monkeypatch.setattr(pretrain, "odt_step", stop_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_tiny(tmp_path, "cut.pt", **kw)
+    monkeypatch.setattr(pretrain, "odt_step", real_step)
+    assert os.path.isfile(tmp_path / "cut.pt.partial") and not os.path.exists(tmp_path / "cut.pt")
+    with pytest.raises(dt_grpo.UserError, match="--resume to continue"):
+        pretrain_tiny(tmp_path, "cut.pt", **kw)
+    with pytest.raises(dt_grpo.UserError, match="batch_size"):
+        pretrain_tiny(tmp_path, "cut.pt", **dict(kw, batch_size=4), resume=True)
+    cut = torch.load(pretrain_tiny(tmp_path, "cut.pt", **kw, resume=True), weights_only=False)
+    assert not os.path.exists(tmp_path / "cut.pt.partial")
+    for k, v in whole["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    assert cut["temperature"] == whole["temperature"]
+    assert [(p["step"], p["normalized"]) for p in cut["pretrain_curve"]] == \
+        [(p["step"], p["normalized"]) for p in whole["pretrain_curve"]]
 
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
