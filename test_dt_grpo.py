@@ -1459,6 +1459,25 @@ def test_sweep_grid_types_and_nested_keys_are_checked_up_front(tmp_path, text, w
         sweep.load_grid(str(tmp_path / "g.yaml"))
 
 
+def test_a_cell_or_prepare_step_runs_only_on_the_robots_it_names(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import sweep
+
+    (tmp_path / "g.yaml").write_text(
+        "name: g\nenv_ids: [Hopper-v4, Walker2d-v4]\nseeds: [1, 2]\ncells:\n  all: {}\n"
+        "  walker: {env_ids: [Walker2d-v4], lr: 1}\nprepare:\n  - {run: 'echo h', env_ids: [Hopper-v4]}\n"
+        "  - {run: 'echo both'}\n")
+    g = sweep.load_grid(str(tmp_path / "g.yaml"))
+    ids = [t["id"] for t in sweep.trials(g)]
+    assert ids == ["Hopper-v4__all__seed1", "Hopper-v4__all__seed2", "Walker2d-v4__all__seed1",
+                   "Walker2d-v4__all__seed2", "Walker2d-v4__walker__seed1", "Walker2d-v4__walker__seed2"]
+    assert "--env-ids" not in sweep.trials(g)[-1]["cmd"]
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    sweep.prepare(g, "Walker2d-v4", str(tmp_path))
+    assert ran == ["echo both"]
+
+
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     pytest.importorskip("rliable", reason="pip install -r experiments/requirements.txt")
     from torch.utils.tensorboard import SummaryWriter
@@ -1684,8 +1703,22 @@ def test_odt_td3_smoke_run_logs_and_resumes_exactly(tiny_ckpt, tmp_path):
     for key in ("critic", "critic_targ", "critic_opt", "model_targ", "replay"):
         assert key in full, key
     assert full["args"]["warmup_offset"] == 20  # the tiny checkpoint's pretraining steps
-    run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1"), cwd=c)
+    run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1", "--critic-cache", "cache.pt"), cwd=c)
     partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
+    one_iteration = torch.load(partial, weights_only=False)
+    # the cached warm-up is the warm-up: a run that loads it makes the same first iteration, bit for bit
+    d = tmp_path / "d"
+    d.mkdir()
+    pd = run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1", "--critic-cache", str(c / "cache.pt")),
+             cwd=d)
+    assert "critic warm-up: loaded" in pd.stdout
+    loaded = torch.load(glob.glob(str(d / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
+    for part in ("model", "critic", "critic_targ"):
+        for k in one_iteration[part]:
+            assert torch.equal(loaded[part][k], one_iteration[part][k]), (part, k)
+    p = run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--critic-warmup-steps", "5", "--critic-cache",
+                                             str(c / "cache.pt")), cwd=d, expect=2)
+    assert_one_line_error(p, "--critic-cache")
     pr = run("baselines/odt_td3.py", "--resume", partial, "--total-env-steps", "40", cwd=c)
     assert "resuming" in pr.stdout and last_eval(pr.stdout) == last_eval(pa.stdout)[2:]
     resumed = torch.load(partial, weights_only=False)

@@ -17,6 +17,7 @@ Run: python baselines/odt_td3.py --env-id Hopper-v4            (README: "Baselin
 import copy
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -31,7 +32,7 @@ import pretrain  # noqa: E402
 import qgrpo  # noqa: E402
 from baselines import odt  # noqa: E402
 from infra.checks import check_ranges  # noqa: E402
-from infra.run import Run, UserError, cli  # noqa: E402
+from infra.run import Run, UserError, atomic_save, cli  # noqa: E402
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Args(odt.Args):
     """critic steps per actor step: an iteration takes updates-per-iter x this many critic steps (authors: 2)"""
     critic_warmup_steps: int = 10_000
     """critic-only steps on the offline data before the online phase (authors: the 5k x 2 of pretraining)"""
+    critic_cache: Optional[str] = None
+    """file of the warmed-up critics: loaded when it exists (same checkpoint and warm-up), else written after it"""
 
 
 def check_args(args: Args):
@@ -182,6 +185,34 @@ def td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, n_c
     return torch.stack(logs).mean(0)
 
 
+def warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, critic_opt):
+    """The critic-only warm-up, or its result from --critic-cache (shared by the seeds of a grid: it depends on
+    the checkpoint and the warm-up flags; each seed's own warm-up would differ only in its batches)."""
+    key = dict(checkpoint=os.path.abspath(args.checkpoint), steps=args.critic_warmup_steps, batch_size=args.batch_size,
+               critic_lr=args.critic_lr, gamma=args.gamma, train_steps=run.train_steps)
+    names = ("critic", "critic_targ", "critic_opt")
+    if args.critic_cache and os.path.isfile(args.critic_cache):
+        cache = torch.load(args.critic_cache, weights_only=False)
+        if cache["key"] != key:
+            raise UserError(f"--critic-cache {args.critic_cache} was warmed up for another checkpoint or warm-up "
+                            f"({cache['key']}); pass another path or delete it.")
+        for net, name in zip((critic, critic_targ, critic_opt), names):
+            net.load_state_dict(cache[name])
+        print(f"critic warm-up: loaded from {args.critic_cache}", flush=True)
+        return
+    t0 = time.time()
+    sampler = TransitionSampler(offline, run.train_steps, run.scale, run.norm.mean, run.norm.std, model.max_ep_len,
+                                args.seed)
+    logs = td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, args.critic_warmup_steps, args,
+                       run.device)
+    print(f"critic warm-up: {args.critic_warmup_steps} steps on the offline data, loss {logs[0].item():.3f}, "
+          f"Q1 {logs[1].item():.1f} ({time.time() - t0:.0f} s)", flush=True)
+    if args.critic_cache:
+        atomic_save(dict(key=key, wall_s=time.time() - t0, **{name: net.state_dict() for net, name in
+                                                               zip((critic, critic_targ, critic_opt), names)}),
+                    args.critic_cache)
+
+
 def main(args: Args):
     run = Run(args, check=check_args, make_optimizer=lambda m, ckpt: odt.online_optimizer(m, args, ckpt))
     model, norm, scale, device = run.model, run.norm, run.scale, run.device
@@ -194,11 +225,8 @@ def main(args: Args):
     offline = odt.load_offline(args, run) if args.resume is None else []
     replay = odt.TrajectoryReplay(offline, args.replay_size)
     if args.resume is None and args.critic_warmup_steps:  # the critic learns alone on all offline data first
-        sampler = TransitionSampler(offline, run.train_steps, scale, norm.mean, norm.std, model.max_ep_len, args.seed)
-        logs = td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, args.critic_warmup_steps, args,
-                           device)
-        print(f"critic warm-up: {args.critic_warmup_steps} steps on the offline data, loss {logs[0].item():.3f}, "
-              f"Q1 {logs[1].item():.1f}", flush=True)
+        warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, critic_opt)
+        run.restart_clock()  # the authors train the critic during pretraining: offline time, not the online budget
     del offline
     run.begin(critic=critic, critic_targ=critic_targ, critic_opt=critic_opt, model_targ=model_targ,
               entropy_temp=temperature, entropy_temp_opt=temp_opt, replay=replay)  # saved and resumed

@@ -13,6 +13,7 @@ A grid file (YAML; see experiments/grids/):
     cells:                           # the rows of the table: each adds flags (and may set `script`)
       reference: {}
       alive-keep: {alive-bonus: 1.0}
+      walker-only: {env_ids: [Walker2d-v4]}   # a cell (or a prepare step) may name the robots it is for
     prepare:                         # shell commands run once per robot before its trials, unless `creates` exists
       - {creates: "checkpoints/{env_id}__random.pt", run: "python pretrain.py --env-id {env_id} --torch-threads 1"}
 
@@ -89,10 +90,11 @@ def check_types(path, g):
     for name, cell in g["cells"].items():
         need(isinstance(name, str) and safe.match(name), f"cell name {name!r} must be a word (letters, digits, _ . -)")
         need(cell is None or isinstance(cell, dict), f"cell {name!r} must be a mapping of flag: value")
+        need(not isinstance((cell or {}).get("env_ids", []), str), f"cell {name!r}: `env_ids` must be a list")
     need(isinstance(g["prepare"], list), "`prepare` must be a list of {creates, run} steps")
     for step in g["prepare"]:
-        need(isinstance(step, dict) and isinstance(step.get("run"), str) and set(step) <= {"creates", "run"},
-             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`) only")
+        need(isinstance(step, dict) and isinstance(step.get("run"), str) and set(step) <= {"creates", "run", "env_ids"},
+             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`) only")
 
 
 def trials(g):
@@ -100,6 +102,8 @@ def trials(g):
     out = []
     for env_id, (cell, extra), seed in itertools.product(g["env_ids"], g["cells"].items(), g["seeds"]):
         extra = dict(extra or {})
+        if env_id not in extra.pop("env_ids", [env_id]):  # a cell may name the robots it runs on
+            continue
         script = extra.pop("script", g["script"])
         flags = {**g["flags"], **extra}
         argv = []
@@ -129,6 +133,8 @@ def last_checkpoint(trial, workdir):
 
 def prepare(g, env_id, workdir):
     for step in g["prepare"]:
+        if env_id not in step.get("env_ids", [env_id]):
+            continue
         creates = step.get("creates", "").format(env_id=env_id)
         if creates and os.path.exists(os.path.join(workdir, creates)):
             continue

@@ -227,6 +227,11 @@ class Run:
         self.t_start = self.t_iter = time.time()
         self.start_steps = self.env_steps
 
+    def restart_clock(self):
+        """Work done before the first iteration that the method's authors do offline (ODT+TD3's critic warm-up)
+        does not count in the online wall time (--max-wall-minutes, charts/wall_s)."""
+        self.t_start = self.t_iter = time.time()
+
     def begin(self, **extra):
         """Register a variant's own state (critic, replay, ...: objects with state_dict/load_state_dict) for the
         checkpoints and load it when resuming; a new run evaluates the pretrained model and saves a first checkpoint."""
