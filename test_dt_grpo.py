@@ -1237,10 +1237,13 @@ def test_default_command_pretrains_first_when_checkpoint_missing(tmp_path, monke
 
 
 def test_help_lists_every_flag_with_text():
+    """Every flag in --help with its text (in-process: the scripts' own parser, infra.run.parse_args)."""
     for script, cls in [("pretrain.py", pretrain.Args), ("dt_grpo.py", dt_grpo.Args), ("qgrpo.py", qgrpo.Args),
                         ("baselines/odt.py", odt.Args), ("baselines/odt_td3.py", odt_td3.Args)]:
-        cmd = [sys.executable, os.path.join(HERE, script), "--help"]
-        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+            infra_run.parse_args(cls, ["--help"])
+        out = buf.getvalue()
         for name in cls.__dataclass_fields__:
             assert "--" + name.replace("_", "-") in out, (script, name)
         assert any(w in out for w in ("transformer width", "sampled actions per branch", "gradient steps per iter"))
@@ -1425,9 +1428,9 @@ cells:
     report = (tmp_path / "experiments" / "results" / "tiny.md").read_text()
     assert "Hopper-v4 tiny-ok | 1 |" in report and "bad" not in report
     assert (tmp_path / "experiments" / "results" / "tiny_Hopper-v4.png").is_file()
-    again = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--no-report", "--retries", "0",
-                cwd=tmp_path, expect=1)
+    again = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--list", cwd=tmp_path)
     assert "2 trials, 1 done before, 1 to run" in again.stdout  # the finished trials are not run again
+    assert "Hopper-v4__ok__seed1: done" in again.stdout and "Hopper-v4__bad__seed1: to run" in again.stdout
 
 
 def test_sweep_grid_errors_are_one_line(tmp_path):

@@ -162,6 +162,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
     p.add_argument("--workdir", default=ROOT, help="where trials run and runs/, sweeps/ live (default: the repo)")
     p.add_argument("--no-report", action="store_true", help="skip experiments/report.py at the end")
+    p.add_argument("--list", action="store_true", help="list the trials (done, to resume, to start) and exit")
     a = p.parse_args(argv)
     try:
         g = load_grid(a.grid)
@@ -180,6 +181,12 @@ def main(argv=None):
     todo = [t for t in trials(g) if not os.path.isfile(os.path.join(out_dir, t["id"] + ".json"))]
     print(f"[sweep] {g['name']}: {len(trials(g))} trials, {len(trials(g)) - len(todo)} done before, "
           f"{len(todo)} to run", flush=True)
+    if a.list:  # what a sweep run across sessions has left, without starting anything
+        for t in trials(g):
+            resume = last_checkpoint(t, workdir)
+            state = "to run" if t in todo else "done"
+            print(f"{t['id']}: {state}{f' (resumes {resume})' if t in todo and resume else ''}")
+        return 0
     try:
         for env_id in dict.fromkeys(t["env_id"] for t in todo):
             prepare(g, env_id, workdir)
