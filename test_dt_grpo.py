@@ -1,6 +1,6 @@
 """Tests of every script (dt_grpo.py, pretrain.py, qgrpo.py, baselines/odt.py, the experiment and benchmark tools) and
 infra/: the model, GRPO-DT's math on hand examples, the data readers, the error paths, exact resume and smoke runs
-on tiny budgets.  Run: python -m pytest -q"""
+on tiny budgets.  Run: python -m pytest -q -n auto (pytest-xdist; plain -q runs it in one process)"""
 
 import contextlib
 import dataclasses
@@ -44,6 +44,14 @@ def run(script, *argv, cwd, expect=0):
                        timeout=300)
     assert p.returncode == expect, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
     return p
+
+
+def user_error(cls, main_fn, *argv):
+    """The message of the UserError that `script.py ARGV` ends with, in-process: the same parser and checks as the
+    command line; the script prints it as one `error:` line (that printing is tested by each test's subprocess)."""
+    with pytest.raises(infra_run.UserError) as e:
+        main_fn(infra_run.parse_args(cls, list(argv)))
+    return str(e.value)
 
 
 def assert_one_line_error(p, *words):
@@ -745,24 +753,26 @@ def test_rtg_tokens_fall_by_scaled_reward(tiny_ckpt):
 # ---------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no traceback, nothing left behind
 # ---------------------------------------------------------------------------------------------------
-def test_bad_env_ids(tmp_path):
+def test_bad_env_ids(tmp_path, monkeypatch):
     p = run("pretrain.py", "--env-id", "Hopperr-v4", "--dataset-steps", "100", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "Hopperr-v4")
-    p = run("pretrain.py", "--env-id", "CartPole-v1", cwd=tmp_path, expect=2)
-    assert_one_line_error(p, "MuJoCo")
-    p = run("dt_grpo.py", "--env-id", "Pendulum-v1", cwd=tmp_path, expect=2)
-    assert_one_line_error(p, "MuJoCo")
-    p = run("pretrain.py", "--env-id", "InvertedPendulum-v4", cwd=tmp_path, expect=2)  # actions in [-3, 3]
-    assert_one_line_error(p, "[-1, 1]")
+    monkeypatch.chdir(tmp_path)  # the rest in-process (user_error)
+    assert "MuJoCo" in user_error(pretrain.Args, pretrain.main, "--env-id", "CartPole-v1", "--no-cuda")
+    assert "MuJoCo" in user_error(dt_grpo.Args, dt_grpo.main, "--env-id", "Pendulum-v1", "--no-cuda")
+    assert "[-1, 1]" in user_error(pretrain.Args, pretrain.main, "--env-id", "InvertedPendulum-v4", "--no-cuda")
     assert not os.listdir(tmp_path)  # nothing written
 
 
 @pytest.mark.parametrize("flags,word", [(["--group-size", "1"], "--group-size"), (["--l-traj", "0"], "--l-traj"),
                                         (["--clip-eps", "0"], "--clip-eps"),
                                         (["--score-gamma", "1.5"], "--score-gamma"), (["--gamma", "1.5"], "--gamma")])
-def test_bad_flags(tmp_path, flags, word):
-    p = run("qgrpo.py" if "--gamma" in flags else "dt_grpo.py", *flags, cwd=tmp_path, expect=2)
-    assert_one_line_error(p, word)
+def test_bad_flags(tmp_path, monkeypatch, flags, word):
+    if word == "--group-size":  # as a user sees it; the others in-process (user_error)
+        assert_one_line_error(run("dt_grpo.py", *flags, cwd=tmp_path, expect=2), word)
+    else:
+        monkeypatch.chdir(tmp_path)
+        cls, main_fn = (qgrpo.Args, qgrpo.main) if "--gamma" in flags else (dt_grpo.Args, dt_grpo.main)
+        assert word in user_error(cls, main_fn, *flags, "--no-cuda")
     assert not os.listdir(tmp_path)  # rejected before anything is pretrained or written
 
 
@@ -776,15 +786,15 @@ def test_command_line_errors_are_tyros_message_on_one_line(tmp_path):
             infra_run.tyro_cli(cls, args=argv)
 
 
-def test_bad_datasets(tmp_path):
+def test_bad_datasets(tmp_path, monkeypatch):
     p = run("pretrain.py", "--dataset", "missing.hdf5", cwd=tmp_path, expect=2)
     assert_one_line_error(p, "not found")
+    monkeypatch.chdir(tmp_path)  # the rest in-process (user_error)
     (tmp_path / "notes.hdf5").write_text("not hdf5")
-    p = run("pretrain.py", "--dataset", "notes.hdf5", cwd=tmp_path, expect=2)
-    assert_one_line_error(p, "not an HDF5")
+    assert "not an HDF5" in user_error(pretrain.Args, pretrain.main, "--dataset", "notes.hdf5", "--no-cuda")
     write_d4rl(str(tmp_path / "walker.hdf5"), obs_dim=17, act_dim=6)
-    p = run("pretrain.py", "--dataset", "walker.hdf5", "--env-id", "Hopper-v4", cwd=tmp_path, expect=2)
-    assert_one_line_error(p, "(17, 6)", "(11, 3)")
+    msg = user_error(pretrain.Args, pretrain.main, "--dataset", "walker.hdf5", "--env-id", "Hopper-v4", "--no-cuda")
+    assert "(17, 6)" in msg and "(11, 3)" in msg
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
@@ -1181,12 +1191,15 @@ def test_throughput_benchmark_runs_on_a_tiny_budget(tmp_path):
 
 
 @pytest.mark.parametrize("env_id", ["Walker2d-v4", "HalfCheetah-v4", "Ant-v4"])
-def test_smoke_other_envs(env_id, tmp_path):
-    run("pretrain.py", "--env-id", env_id, "--dataset-steps", "600", "--num-steps", "5", "--eval-episodes", "1",
-        "--output", "ck.pt", *TINY_MODEL, cwd=tmp_path)
-    p = run("dt_grpo.py", "--env-id", env_id, "--checkpoint", "ck.pt", "--total-env-steps", "50", *TINY_ONLINE,
-            "--eval-episodes", "1", cwd=tmp_path)
-    assert "done:" in p.stdout
+def test_smoke_other_envs(env_id, tmp_path, monkeypatch, capsys):
+    """Each robot's shapes through pretraining and one online iteration (in-process: the scripts' own parser)."""
+    monkeypatch.chdir(tmp_path)
+    pretrain.main(infra_run.parse_args(pretrain.Args, ["--env-id", env_id, "--dataset-steps", "600", "--num-steps",
+                                                       "5", "--eval-episodes", "1", "--output", "ck.pt", "--no-cuda",
+                                                       *TINY_MODEL]))
+    dt_grpo.main(infra_run.parse_args(dt_grpo.Args, ["--env-id", env_id, "--checkpoint", "ck.pt", "--total-env-steps",
+                                                     "50", *TINY_ONLINE, "--eval-episodes", "1", "--no-cuda"]))
+    assert "done:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags", [["--ratio", "token", "--relabel", "--reset-sampling", "uniform"],
