@@ -1492,6 +1492,10 @@ def test_a_cell_or_prepare_step_runs_only_on_the_robots_it_names(tmp_path, monke
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     sweep.prepare(g, "Walker2d-v4", str(tmp_path))
     assert ran == ["echo both"]
+    part = sweep.select(sweep.load_grid(str(tmp_path / "g.yaml")), seeds=[2], env_ids=["Walker2d-v4"], cells=["all"])
+    assert [t["id"] for t in sweep.trials(part)] == ["Walker2d-v4__all__seed2"]  # --seeds, --env-ids, --cells
+    with pytest.raises(sweep.GridError, match="--cells walkr: not all among the grid's cells all walker"):
+        sweep.select(g, cells=["walkr"])
 
 
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):

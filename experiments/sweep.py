@@ -97,6 +97,17 @@ def check_types(path, g):
              f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`) only")
 
 
+def select(g, seeds=None, env_ids=None, cells=None):
+    """The grid narrowed to some of its seeds, robots and cells (a sweep split across sessions or machines)."""
+    for flag, chosen, key in (("--seeds", seeds, "seeds"), ("--env-ids", env_ids, "env_ids"), ("--cells", cells, "cells")):
+        if chosen:
+            if not set(chosen) <= set(g[key]):
+                raise GridError(f"{flag} {' '.join(map(str, chosen))}: not all among the grid's {key} "
+                                f"{' '.join(map(str, g[key]))}")
+            g[key] = {c: g[key][c] for c in g[key] if c in chosen} if key == "cells" else [x for x in g[key] if x in chosen]
+    return g
+
+
 def trials(g):
     """Every (env_id, cell, seed) of the grid, with its command line and its experiment name."""
     out = []
@@ -160,16 +171,14 @@ def main(argv=None):
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray: CPUs to use (default: all)")
     p.add_argument("--retries", type=int, default=1, help="times a failed trial is run again")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
+    p.add_argument("--env-ids", nargs="+", default=None, help="run only these of the grid's robots")
+    p.add_argument("--cells", nargs="+", default=None, help="run only these of the grid's cells")
     p.add_argument("--workdir", default=ROOT, help="where trials run and runs/, sweeps/ live (default: the repo)")
     p.add_argument("--no-report", action="store_true", help="skip experiments/report.py at the end")
     p.add_argument("--list", action="store_true", help="list the trials (done, to resume, to start) and exit")
     a = p.parse_args(argv)
     try:
-        g = load_grid(a.grid)
-        if a.seeds:
-            if not set(a.seeds) <= set(g["seeds"]):
-                raise GridError(f"--seeds {a.seeds} are not all among the grid's seeds {g['seeds']}")
-            g["seeds"] = a.seeds
+        g = select(load_grid(a.grid), seeds=a.seeds, env_ids=a.env_ids, cells=a.cells)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
