@@ -1532,6 +1532,35 @@ def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     assert diag == "| Hopper-v4 hand | 7.5 |"  # the only diagnostic logged: action std
 
 
+def test_paper_table_scores_each_method_at_each_budget_only_where_reached(tmp_path):
+    pytest.importorskip("rliable", reason="pip install -r experiments/requirements.txt")
+    from torch.utils.tensorboard import SummaryWriter
+
+    (tmp_path / "g.yaml").write_text("name: paper\nenv_ids: [Hopper-v4]\nseeds: [1, 2, 3]\n"
+                                     "cells:\n  medium-grpo: {}\n  medium-odt_td3: {}\n")
+    for seed in (1, 2, 3):  # GRPO-DT: 500k steps, score = 10 * seed + steps / 10k; ODT+TD3: seed 3 stops at 200k
+        for cell, last in (("medium-grpo", 500_000), ("medium-odt_td3", 200_000 if seed == 3 else 510_000)):
+            w = SummaryWriter(str(tmp_path / "runs" / f"Hopper-v4__paper-{cell}__{seed}__0"))
+            for step in range(0, last + 1, 30_000 if "grpo" in cell else 85_000):
+                w.add_scalar("eval/normalized_score", 10 * seed + step / 10_000, step)
+                w.add_scalar("charts/wall_s", step / 1000, step)
+            w.close()
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import paper_table
+
+    assert paper_table.main(["--grid", str(tmp_path / "g.yaml"), "--workdir", str(tmp_path)]) == 0
+    rows = {ln.split(" | ")[0]: ln.split(" | ") for ln in
+            (tmp_path / "experiments" / "results" / "paper-table.md").read_text().splitlines() if ln.startswith("| ")}
+    g, t = rows["| GRPO-DT"], rows["| ODT+TD3"]
+    # IQM of 3 seeds = their mean (nothing trimmed); GRPO-DT at 100k: the evaluation at 90k -> 20 + 9
+    assert g[1] == "3" and g[2].startswith("20.0 [") and g[3].startswith("29.0 [") and g[4].startswith("44.0 [")
+    assert g[5].startswith("68.0 [") and g[6].startswith("68.0 [") and g[7] == "480,000" and g[8] == "8.0"
+    assert t[3].startswith("28.5 [") and t[4].endswith("(2/3)") and t[4].startswith("32.0 [")  # 85k; 170k of 2
+    assert t[5].startswith("57.5 [") and t[5].endswith("(2/3)") and t[6].startswith("59.7 [")  # seed 3 ends at 170k
+    assert t[9] == "63.1 → 89.1 |" and g[9] == "— |"  # published beside ours
+    assert paper_table.cell_parts("paper-medium-replay-odt_td3", "paper") == ("medium-replay", "odt_td3")
+
+
 @pytest.mark.parametrize("script", ["dt_grpo.py", "qgrpo.py", "baselines/odt.py", "baselines/odt_td3.py"])
 def test_band_checkpoint_runs_in_every_online_script(band_ckpt, tmp_path, script):
     extra = {"dt_grpo.py": ["--checkpoint", band_ckpt, *TINY_ONLINE],
