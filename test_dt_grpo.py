@@ -885,6 +885,17 @@ def test_an_interrupted_pretraining_resumes_exactly_and_keeps_its_curve(tmp_path
         pretrain_tiny(tmp_path, "cut.pt", **kw)
     monkeypatch.setattr(pretrain, "odt_step", real_step)
     assert os.path.isfile(tmp_path / "cut.pt.partial") and not os.path.exists(tmp_path / "cut.pt")
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import pretrain_curves  # the curves' table reads a finished checkpoint and a pretraining under way alike
+
+    pretrain_curves.main([str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt.partial"), "--out", str(tmp_path / "pc")])
+    rows = [ln.split(" | ") for ln in (tmp_path / "pc.md").read_text().splitlines() if ln.startswith("| whole")
+            or ln.startswith("| cut")]
+    y = [p["normalized"] for p in whole["pretrain_curve"]]
+    assert rows[0][1] == "8 of 8 × 8 × 10" and rows[0][3] == "2" and rows[0][4] == f"{y[-1]:.1f}"
+    assert rows[0][5] == f"{max(y):.1f}" and rows[0][-1] == "yes |"
+    assert rows[1][1] == "4 of 8 × 8 × 10" and rows[1][4] == f"{y[0]:.1f}" and rows[1][-1] == "running |"
+    assert (tmp_path / "pc.png").is_file()
     with pytest.raises(dt_grpo.UserError, match="--resume to continue"):
         pretrain_tiny(tmp_path, "cut.pt", **kw)
     with pytest.raises(dt_grpo.UserError, match="batch_size"):

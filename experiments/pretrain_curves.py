@@ -33,17 +33,17 @@ def flat(curve, last=3):
     return sum(y[-last:]) / last - sum(y[-2 * last:-last]) / last
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="pretraining checkpoints or .partial states")
     p.add_argument("--out", required=True, help="output path without extension (.md and .png are written)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     rows = [load_curve(path) for path in a.paths]
     lines = ["| checkpoint | steps × batch × K | optimizer, lr | points | last | best | last 3 − 3 before | "
              "wall (min) | done |", "|---|---|---|---|---|---|---|---|---|"]
     for label, curve, args, done in rows:
         y = [q["normalized"] for q in curve]
-        lines.append(f"| {label} | {curve[-1]['step']:,} × {args['batch_size']} × {args['context_len']} | "
+        lines.append(f"| {label} | {curve[-1]['step']:,} of {args['num_steps']:,} × {args['batch_size']} × {args['context_len']} | "
                      f"{args['optimizer']}, {args['learning_rate']:g} | {len(curve)} | {y[-1]:.1f} | {max(y):.1f} | "
                      f"{flat(curve):+.1f} | {curve[-1]['wall_s'] / 60:.0f} | {'yes' if done else 'running'} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
