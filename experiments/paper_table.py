@@ -6,7 +6,9 @@ next to the published numbers.
 The grid's cells are named <dataset>-<method> (medium-grpo, random-odt_td3, ...). Per robot, dataset and method:
 the pretrained score (the evaluation before finetuning), the score at each env-step budget (--budgets: the last
 evaluation at or below it, counted only for the runs that got there, i.e. whose last evaluation lies at 95% of it
-or beyond; "k/n" says how many seeds did when not all), the score at the end of the run (the wall-time cap or the
+or beyond; "k/n" says how many seeds did when not all) and at the env steps that every run of the dataset reached
+(the equal-env-steps point when the wall-time cap stops the slow methods early), the score at the end of the run
+(the wall-time cap or the
 env-step budget, whichever came first), the env steps and wall minutes it took, each score as IQM [95% CI] over
 seeds (rliable, as in report.py). Writes experiments/results/<grid name>-table.md.
 """
@@ -58,16 +60,17 @@ def tables(runs, grid_name, budgets):
     for r in runs:
         dataset, method = cell_parts(r["exp"], grid_name)
         groups.setdefault((r["env"], dataset), {}).setdefault(method, []).append(r)
-    heads = [f"{b / 1000:g}k env steps" for b in budgets]
     out = []
     for (env, dataset), methods in groups.items():
+        common = min(int(r["steps"][-1]) for rs in methods.values() for r in rs)  # every run got this far
+        heads = [f"{b / 1000:g}k env steps" for b in budgets] + [f"{common:,} env steps (all runs)"]
         out += [f"### {env} {dataset}", "",
                 f"| method | seeds | pretrained | {' | '.join(heads)} | end of run | env steps | wall (min) | "
-                "published (ODT+TD3 paper, 500k) |", "|---|" + "---|" * (len(budgets) + 6)]
+                "published (ODT+TD3 paper, 500k) |", "|---|" + "---|" * (len(heads) + 6)]
         for method in sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else 99):
             rs, n = methods[method], len(methods[method])
             cols = [fmt([float(r["score"][0]) for r in rs], n)]
-            cols += [fmt([v for v in (at_budget(r, b) for r in rs) if v is not None], n) for b in budgets]
+            cols += [fmt([v for v in (at_budget(r, b) for r in rs) if v is not None], n) for b in [*budgets, common]]
             cols.append(fmt([float(r["score"][-1]) for r in rs], n))
             cols += [f"{np.mean([r['steps'][-1] for r in rs]):,.0f}", f"{np.mean([r['wall'][-1] for r in rs]) / 60:.1f}",
                      PUBLISHED.get((env, dataset), {}).get(method, "—")]
