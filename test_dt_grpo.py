@@ -1509,6 +1509,22 @@ def test_a_cell_or_prepare_step_runs_only_on_the_robots_it_names(tmp_path, monke
         sweep.select(g, cells=["walkr"])
 
 
+def test_every_committed_grid_names_real_scripts_and_flags_they_accept():
+    """A misspelt flag in a grid fails only when its trial starts, hours into a sweep: parse them all now."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import sweep
+
+    scripts = {"dt_grpo.py": dt_grpo.Args, "qgrpo.py": qgrpo.Args, "baselines/odt.py": odt.Args,
+               "baselines/odt_td3.py": odt_td3.Args}
+    paths = sorted(glob.glob(os.path.join(HERE, "experiments", "grids", "*.yaml")))
+    assert len(paths) >= 10
+    for path in paths:
+        for t in sweep.trials(sweep.load_grid(path)):
+            script = os.path.relpath(t["cmd"][1], HERE)
+            args = infra_run.tyro_cli(scripts[script], args=t["cmd"][2:])  # a UserError names the bad flag
+            assert args.env_id == t["env_id"] and args.seed == t["seed"], (path, t["id"])
+
+
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
     pytest.importorskip("rliable", reason="pip install -r experiments/requirements.txt")
     from torch.utils.tensorboard import SummaryWriter
