@@ -1523,6 +1523,16 @@ def test_every_committed_grid_names_real_scripts_and_flags_they_accept():
             script = os.path.relpath(t["cmd"][1], HERE)
             args = infra_run.tyro_cli(scripts[script], args=t["cmd"][2:])  # a UserError names the bad flag
             assert args.env_id == t["env_id"] and args.seed == t["seed"], (path, t["id"])
+    import make_d4rl_like
+    import shlex
+
+    scripts.update({"pretrain.py": pretrain.Args, "experiments/make_d4rl_like.py": make_d4rl_like.Args})
+    steps = [(path, step) for path in paths for step in sweep.load_grid(path).get("prepare", [])]
+    assert len(steps) >= 7
+    for path, step in steps:  # the prepare steps too: `python SCRIPT FLAGS`
+        cmd = shlex.split(step["run"].format(env_id="Hopper-v4"))
+        assert cmd[0] == "python" and cmd[1] in scripts, (path, step)
+        infra_run.tyro_cli(scripts[cmd[1]], args=cmd[2:])
 
 
 def test_report_gives_known_iqm_and_intervals_on_hand_made_events(tmp_path):
