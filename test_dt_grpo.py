@@ -1,6 +1,6 @@
 """Tests of every script (dt_grpo.py, pretrain.py, qgrpo.py, baselines/odt.py, the experiment and benchmark tools) and
 infra/: the model, GRPO-DT's math on hand examples, the data readers, the error paths, exact resume and smoke runs
-on tiny budgets.  Run: python -m pytest -q -n auto (pytest-xdist; plain -q runs it in one process)"""
+on tiny budgets.  Run: python -m pytest -q -n auto --maxprocesses 4 (pytest-xdist; plain -q: one process)"""
 
 import contextlib
 import dataclasses
