@@ -1403,8 +1403,10 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
     pytest.importorskip("stable_baselines3", reason="pip install -r experiments/requirements.txt")
     p = run("experiments/make_d4rl_like.py", "--max-sac-steps", "400", "--eval-every", "200", "--learning-starts",
             "100", "--collect-steps", "300", "--eval-episodes", "1", "--band", "-1000", "100000", "--min-speed", "-9",
-            "--behaviour-dir", "beh", cwd=tmp_path)
+            "--confirm-episodes", "3", "--save-every", "200", "--behaviour-dir", "beh", cwd=tmp_path)
     assert "medium: 300 transitions" in p.stdout and "random: 300 transitions" in p.stdout
+    assert "on 3 confirming episodes (band" in p.stdout  # an evaluation in the band is confirmed before SAC stops
+    assert os.path.isfile(tmp_path / "data" / "Hopper-v4__sac-state__seed1" / "state.json")  # kept: SAC can go on
     env = dt_grpo.make_env("Hopper-v4")
     env.reset(seed=0)
     for name, n in [("medium", 300), ("medium-replay", 200)]:  # the band holds at the first evaluation (step 200)

@@ -17,7 +17,6 @@ infos/qvel, which `pretrain.py --dataset PATH` reads unchanged.
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +66,8 @@ class Args:
     """SAC env steps between evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation (sampled actions)"""
+    confirm_episodes: int = 50
+    """an evaluation inside the band is confirmed on this many fresh episodes before SAC stops (10 are noisy)"""
     save_every: int = 25_000
     """SAC env steps between saves of SAC's state (model, replay buffer, log): a killed run continues from there"""
     collect_steps: int = 1_000_000
@@ -262,11 +263,16 @@ def train_sac(args, band, state_dir):
             actor = actor_from_sb3(self.model)
             ret, speed = evaluate(actor, args.env_id, args.eval_episodes, seed=10_000 + n)
             gap = max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
+            note = ""
+            if gap == 0:  # inside the band: confirm on more episodes (Walker2d's 10 gave 2,651, its 1M steps 2,107)
+                ret, speed = evaluate(actor, args.env_id, args.confirm_episodes, seed=20_000 + n)
+                gap = max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
+                note = f" on {args.confirm_episodes} confirming episodes" + ("" if gap == 0 else ", outside: go on")
             if state["best"] is None or gap < state["best"]["gap"]:
                 state["best"] = dict(gap=gap, steps=n, eval_return=ret, eval_speed=speed)
                 save_snapshot(args, actor, state["best"])  # the snapshot nearest to the band so far
             sps = (n - n0) / (time.time() - t0)
-            print(f"SAC step {n}/{args.max_sac_steps}: sampled-action return {ret:.0f} (band {lo:.0f}-{hi:.0f}), "
+            print(f"SAC step {n}/{args.max_sac_steps}: sampled-action return {ret:.0f}{note} (band {lo:.0f}-{hi:.0f}), "
                   f"{speed:.2f} m/s ({sps:.0f} steps/s, at most {(args.max_sac_steps - n) / sps / 60:.0f} min left)",
                   flush=True)
             return gap > 0  # stop inside the band
@@ -321,8 +327,8 @@ def check_digest(name, arrays, snap, key):
 
 
 def main(args: Args):
-    check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, save_every=1, collect_steps=1,
-                            learning_starts=0, torch_threads=1), positive=())
+    check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, confirm_episodes=1, save_every=1,
+                            collect_steps=1, learning_starts=0, torch_threads=1), positive=())
     table = D4RL.get(dt_grpo.robot(args.env_id), {})
     band = args.band or (tuple(x * table["medium"][2] for x in (0.9, 1.1)) if table else None)
     if band is None:
@@ -354,7 +360,9 @@ def main(args: Args):
                 env_id=args.env_id, seed=args.seed, sac_steps=record["steps"], sac_wall_s=record["sac_wall_s"],
                 behaviour_eval_return=record["eval_return"], generator="make_d4rl_like.py: SAC's log to the snapshot"))
             made["medium-replay"] = replay
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.path.isdir(state_dir):
+            print(f"SAC's state is kept in {state_dir}: with the datasets and the snapshot removed, the same "
+                  "command continues SAC from it; delete it once the data are accepted")
     snap = None
     for name in ("medium", "random"):
         if name not in todo:
