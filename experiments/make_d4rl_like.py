@@ -239,6 +239,9 @@ def train_sac(args, band, state_dir):
     lo, hi = band
     t0, n0 = time.time(), state["steps"]
 
+    def gap_to_band(ret, speed):  # 0 inside the band; a standing policy is never inside
+        return max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
+
     def save_state(n):
         state.update(steps=n, wall_s=state["wall_s"] + time.time() - save_state.t)
         save_state.t = time.time()
@@ -262,11 +265,10 @@ def train_sac(args, band, state_dir):
                 return True
             actor = actor_from_sb3(self.model)
             ret, speed = evaluate(actor, args.env_id, args.eval_episodes, seed=10_000 + n)
-            gap = max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
-            note = ""
+            gap, note = gap_to_band(ret, speed), ""
             if gap == 0:  # inside the band: confirm on more episodes (Walker2d's 10 gave 2,651, its 1M steps 2,107)
                 ret, speed = evaluate(actor, args.env_id, args.confirm_episodes, seed=20_000 + n)
-                gap = max(lo - ret, ret - hi, 0.0) + (1e6 if speed < args.min_speed else 0.0)
+                gap = gap_to_band(ret, speed)
                 note = f" on {args.confirm_episodes} confirming episodes" + ("" if gap == 0 else ", outside: go on")
             if state["best"] is None or gap < state["best"]["gap"]:
                 state["best"] = dict(gap=gap, steps=n, eval_return=ret, eval_speed=speed)

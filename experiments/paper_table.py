@@ -8,9 +8,8 @@ the pretrained score (the evaluation before finetuning), the score at each env-s
 evaluation at or below it, counted only for the runs that got there, i.e. whose last evaluation lies at 95% of it
 or beyond; "k/n" says how many seeds did when not all) and at the env steps that every run of the dataset reached
 (the equal-env-steps point when the wall-time cap stops the slow methods early), the score at the end of the run
-(the wall-time cap or the
-env-step budget, whichever came first), the env steps and wall minutes it took, each score as IQM [95% CI] over
-seeds (rliable, as in report.py). Writes experiments/results/<grid name>-table.md.
+(the wall-time cap or the env-step budget, whichever came first), the env steps and wall minutes it took, each
+score as IQM [95% CI] over seeds (rliable, as in report.py). Writes experiments/results/<grid name>-table.md.
 """
 
 import argparse
@@ -48,11 +47,10 @@ def at_budget(r, budget):
 
 
 def fmt(values, n):
+    """IQM [95% CI] of the seeds that have a value; k/n when not all n have one."""
     if not values:
         return "—"
-    m, lo, hi = report.iqm_ci(values)
-    text = f"{m:.1f} [{lo:.1f}, {hi:.1f}]" if len(values) > 1 else f"{m:.1f}"
-    return text if len(values) == n else f"{text} ({len(values)}/{n})"
+    return report.iqm_text(values) + ("" if len(values) == n else f" ({len(values)}/{n})")
 
 
 def tables(runs, grid_name, budgets):
@@ -72,8 +70,8 @@ def tables(runs, grid_name, budgets):
             cols = [fmt([float(r["score"][0]) for r in rs], n)]
             cols += [fmt([v for v in (at_budget(r, b) for r in rs) if v is not None], n) for b in [*budgets, common]]
             cols.append(fmt([float(r["score"][-1]) for r in rs], n))
-            cols += [f"{np.mean([r['steps'][-1] for r in rs]):,.0f}", f"{np.mean([r['wall'][-1] for r in rs]) / 60:.1f}",
-                     PUBLISHED.get((env, dataset), {}).get(method, "—")]
+            cols += [f"{np.mean([r['steps'][-1] for r in rs]):,.0f}",
+                     f"{np.mean([r['wall'][-1] for r in rs]) / 60:.1f}", PUBLISHED.get((env, dataset), {}).get(method, "—")]
             out.append(f"| {METHODS.get(method, method)} | {n} | {' | '.join(cols)} |")
         out.append("")
     return "\n".join(out)

@@ -43,7 +43,8 @@ def main(argv=None):
              "wall (min) | done |", "|---|---|---|---|---|---|---|---|---|"]
     for label, curve, args, done in rows:
         y = [q["normalized"] for q in curve]
-        lines.append(f"| {label} | {curve[-1]['step']:,} of {args['num_steps']:,} × {args['batch_size']} × {args['context_len']} | "
+        lines.append(f"| {label} | {curve[-1]['step']:,} of {args['num_steps']:,} × {args['batch_size']} × "
+                     f"{args['context_len']} | "
                      f"{args['optimizer']}, {args['learning_rate']:g} | {len(curve)} | {y[-1]:.1f} | {max(y):.1f} | "
                      f"{flat(curve):+.1f} | {curve[-1]['wall_s'] / 60:.0f} | {'yes' if done else 'running'} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -71,6 +71,12 @@ def iqm_ci(values, reps=2000):
     return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
 
 
+def iqm_text(values):
+    """'IQM [lo, hi]' over seeds; a single seed: its value alone."""
+    m, lo, hi = iqm_ci(values)
+    return f"{m:.1f} [{lo:.1f}, {hi:.1f}]" if len(values) > 1 else f"{m:.1f}"
+
+
 def late_drop(r):
     """The largest fall of an evaluation in the last third of the run's env steps below the running mean of the
     finetuning evaluations before it (0 when none falls): a late collapse shows here, not in "last"."""
@@ -86,10 +92,7 @@ def table(groups):
     rows = ["| experiment | seeds | before | last | best | mean of last 3 | last, per seed | env steps | grad steps "
             "| wall (min) | largest late drop |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (env, exp), runs in groups.items():
-        cells = []
-        for f in cols.values():
-            m, lo, hi = iqm_ci([f(r) for r in runs])
-            cells.append(f"{m:.1f} [{lo:.1f}, {hi:.1f}]" if len(runs) > 1 else f"{m:.1f}")
+        cells = [iqm_text([f(r) for r in runs]) for f in cols.values()]
         per_seed = ", ".join(f"{r['score'][-1]:.1f}" for r in runs)
         rows.append(f"| {env} {exp} | {len(runs)} | {' | '.join(cells)} | {per_seed} | "
                     f"{np.mean([r['steps'][-1] for r in runs]):.0f} | {np.mean([r['grad_steps'] for r in runs]):.0f} | "

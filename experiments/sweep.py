@@ -99,12 +99,15 @@ def check_types(path, g):
 
 def select(g, seeds=None, env_ids=None, cells=None):
     """The grid narrowed to some of its seeds, robots and cells (a sweep split across sessions or machines)."""
-    for flag, chosen, key in (("--seeds", seeds, "seeds"), ("--env-ids", env_ids, "env_ids"), ("--cells", cells, "cells")):
-        if chosen:
-            if not set(chosen) <= set(g[key]):
-                raise GridError(f"{flag} {' '.join(map(str, chosen))}: not all among the grid's {key} "
-                                f"{' '.join(map(str, g[key]))}")
-            g[key] = {c: g[key][c] for c in g[key] if c in chosen} if key == "cells" else [x for x in g[key] if x in chosen]
+    for flag, chosen, key in (("--seeds", seeds, "seeds"), ("--env-ids", env_ids, "env_ids"),
+                              ("--cells", cells, "cells")):
+        if not chosen:
+            continue
+        if not set(chosen) <= set(g[key]):
+            raise GridError(f"{flag} {' '.join(map(str, chosen))}: not all among the grid's {key} "
+                            f"{' '.join(map(str, g[key]))}")
+        kept = [x for x in g[key] if x in chosen]  # the grid's order
+        g[key] = {c: g[key][c] for c in kept} if key == "cells" else kept
     return g
 
 
