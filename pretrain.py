@@ -8,6 +8,7 @@ Run: python pretrain.py --env-id Hopper-v4
 """
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -66,9 +67,9 @@ class Args:
     reward_scale: float = 0.001
     """returns-to-go are multiplied by this before they enter the model"""
     recipe: Literal["quick", "converged"] = "quick"
-    """quick: 2,000 steps of 64 windows (minutes; the README's start); converged: 10,000 of 256 with a curve"""
+    """quick: 2,000 steps of 64 windows (minutes; the README's start); converged: 5,000 of 256, decayed, with a curve"""
     num_steps: Optional[int] = None
-    """gradient steps (quick 2,000; converged 10,000; raise it with --resume to train on)"""
+    """gradient steps (quick 2,000; converged 5,000; raise it with --resume to train on)"""
     batch_size: Optional[int] = None
     """windows per batch (quick 64; converged 256)"""
     optimizer: Literal["adamw", "lamb"] = "adamw"
@@ -79,6 +80,8 @@ class Args:
     """weight decay"""
     warmup_steps: Optional[int] = None
     """linear learning-rate warm-up (quick 300; converged 1,000)"""
+    min_lr_ratio: Optional[float] = None
+    """after warm-up, a cosine decay to this fraction of the rate at the last step (quick 1: constant; converged 0.1)"""
     max_grad_norm: float = 0.25
     """gradient-norm clip"""
     init_temperature: float = 0.1
@@ -316,8 +319,18 @@ class WindowSampler:
 # ---------------------------------------------------------------------------------------------------
 # Pretraining: NLL + entropy temperature (ODT's recipe)
 # ---------------------------------------------------------------------------------------------------
-RECIPES = {"quick": dict(num_steps=2000, batch_size=64, warmup_steps=300, eval_every=0),
-           "converged": dict(num_steps=10_000, batch_size=256, warmup_steps=1000, eval_every=500)}
+RECIPES = {"quick": dict(num_steps=2000, batch_size=64, warmup_steps=300, min_lr_ratio=1.0, eval_every=0),
+           "converged": dict(num_steps=5000, batch_size=256, warmup_steps=1000, min_lr_ratio=0.1, eval_every=500)}
+
+
+def lr_factor(step, args: Args):
+    """The learning rate of gradient step `step` (0-based) over --learning-rate: a linear warm-up, then a cosine from
+    1 down to --min-lr-ratio at the last step (constant at ratio 1). The last weights are then an average over the
+    final steps rather than one draw of a policy that a constant rate keeps moving."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    progress = min(1.0, (step + 1 - args.warmup_steps) / max(1, args.num_steps - args.warmup_steps))
+    return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resolve_recipe(args: Args) -> Args:
@@ -329,9 +342,11 @@ def check_args(args: Args):
     """Every flag's range, before any work: one error line instead of a traceback after training."""
     check_ranges(args, dict(dataset_steps=1, context_len=1, embed_dim=1, n_layer=1, n_head=1, max_ep_len=1,
                                     num_steps=1, batch_size=1, warmup_steps=1, eval_episodes=1, log_every=1,
-                                    torch_threads=0, weight_decay=0, dropout=0, eval_every=0),
+                                    torch_threads=0, weight_decay=0, dropout=0, eval_every=0, min_lr_ratio=0),
                          positive=("learning_rate", "temperature_lr", "init_temperature", "max_grad_norm",
                                    "reward_scale"))
+    if args.min_lr_ratio > 1:
+        raise UserError(f"--min-lr-ratio must be at most 1 (got {args.min_lr_ratio}): the decay ends at that fraction.")
     if args.embed_dim % args.n_head:
         raise UserError(f"--n-head ({args.n_head}) must divide --embed-dim ({args.embed_dim}).")
     if args.dropout >= 1:
@@ -399,7 +414,7 @@ def main(args: Args):
                               attention=args.attention)
     model = dt_grpo.make_model(cfg).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     log_temp = torch.tensor(np.log(args.init_temperature), device=device, requires_grad=True)
     temp_optimizer = torch.optim.Adam([log_temp], lr=args.temperature_lr)
     target_entropy = -cfg.act_dim

@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import glob
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -909,6 +911,26 @@ def test_an_interrupted_pretraining_resumes_exactly_and_keeps_its_curve(tmp_path
         [(p["step"], p["normalized"]) for p in whole["pretrain_curve"]]
 
 
+def test_converged_pretraining_warms_up_then_decays_by_a_cosine_to_its_floor(tmp_path, monkeypatch):
+    """The learning rate each real optimizer step used: linear warm-up to the peak, then a cosine from the peak down
+    to --min-lr-ratio x peak at the last step (the quick recipe stays constant after its warm-up)."""
+    real_step, used = pretrain.odt_step, []
+
+    def record(model, optimizer, *a):
+        used.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, optimizer, *a)
+
+    monkeypatch.setattr(pretrain, "odt_step", record)
+    pretrain_tiny(tmp_path, "c.pt", recipe="converged", num_steps=7, batch_size=4, warmup_steps=3, eval_every=0,
+                  learning_rate=1e-3)
+    cos = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in (1, 2, 3, 4)]  # 4 steps after the warm-up
+    assert np.allclose(used, 1e-3 * np.array([1 / 3, 2 / 3, 1, *cos]), rtol=1e-12, atol=0)
+    assert used[-1] == pytest.approx(1e-4) and used[3] > used[4] > used[5] > used[6]
+    used.clear()
+    pretrain_tiny(tmp_path, "q.pt", num_steps=5, batch_size=4, warmup_steps=2, learning_rate=1e-3)
+    assert np.allclose(used, [5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_ctrl_c_in_pretraining_is_one_line_and_writes_nothing(tmp_path, sig, code):
     import signal
@@ -1437,7 +1459,7 @@ def test_sweep_runs_a_tiny_grid_on_local_ray_retries_failures_and_skips_finished
     grid = tmp_path / "tiny.yaml"
     grid.write_text(f"""name: tiny
 env_ids: [Hopper-v4]
-seeds: [1]
+seeds: [1, 2]
 flags: {{checkpoint: {tiny_ckpt}, total-env-steps: 100, group-size: 3, num-resets: 2, l-traj: 3, l-eval: 5,
         eval-episodes: 2, eval-every: 1, update-epochs: 1}}
 cells:
@@ -1445,7 +1467,7 @@ cells:
   bad: {{group-size: 1}}
 """)
     p = run("experiments/sweep.py", os.path.relpath(grid, tmp_path.parent), "--workdir", str(tmp_path),
-            "--num-cpus", "2", cwd=tmp_path.parent, expect=1)  # a grid relative to the caller's cwd
+            "--num-cpus", "2", "--seeds", "1", cwd=tmp_path.parent, expect=1)  # a grid relative to the caller's cwd
     assert "Hopper-v4__bad__seed1 failed (exit 2); retrying" in p.stdout and "1 trials failed" in p.stdout
     done = sorted(os.listdir(tmp_path / "sweeps" / "tiny"))
     assert "Hopper-v4__ok__seed1.json" in done
@@ -1455,8 +1477,13 @@ cells:
     assert "Hopper-v4 tiny-ok | 1 |" in report and "bad" not in report
     assert (tmp_path / "experiments" / "results" / "tiny_Hopper-v4.png").is_file()
     again = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--list", cwd=tmp_path)
-    assert "2 trials, 1 done before, 1 to run" in again.stdout  # the finished trials are not run again
+    assert "4 trials, 1 done before, 3 to run" in again.stdout  # the finished trials are not run again
     assert "Hopper-v4__ok__seed1: done" in again.stdout and "Hopper-v4__bad__seed1: to run" in again.stdout
+    p = run("experiments/sweep.py", str(grid), "--workdir", str(tmp_path), "--seeds", "2", "--serial", "--no-report",
+            cwd=tmp_path, expect=1)  # the same bookkeeping without Ray, one trial after another
+    assert "Hopper-v4__bad__seed2 failed (exit 2); retrying" in p.stdout and "1 trials failed" in p.stdout
+    assert "Hopper-v4__ok__seed2.json" in os.listdir(tmp_path / "sweeps" / "tiny")
+    assert json.load(open(tmp_path / "sweeps" / "tiny" / "Hopper-v4__ok__seed2.json"))["seconds"] > 0
 
 
 def test_sweep_grid_errors_are_one_line(tmp_path):
@@ -1488,14 +1515,14 @@ def test_sweep_grid_types_and_nested_keys_are_checked_up_front(tmp_path, text, w
         sweep.load_grid(str(tmp_path / "g.yaml"))
 
 
-def test_a_cell_or_prepare_step_runs_only_on_the_robots_it_names(tmp_path, monkeypatch):
+def test_a_cell_or_prepare_step_runs_only_on_the_robots_and_cells_it_names(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import sweep
 
     (tmp_path / "g.yaml").write_text(
         "name: g\nenv_ids: [Hopper-v4, Walker2d-v4]\nseeds: [1, 2]\ncells:\n  all: {}\n"
         "  walker: {env_ids: [Walker2d-v4], lr: 1}\nprepare:\n  - {run: 'echo h', env_ids: [Hopper-v4]}\n"
-        "  - {run: 'echo both'}\n")
+        "  - {run: 'echo both'}\n  - {run: 'echo for walker', cells: [walker]}\n")
     g = sweep.load_grid(str(tmp_path / "g.yaml"))
     ids = [t["id"] for t in sweep.trials(g)]
     assert ids == ["Hopper-v4__all__seed1", "Hopper-v4__all__seed2", "Walker2d-v4__all__seed1",
@@ -1503,8 +1530,9 @@ def test_a_cell_or_prepare_step_runs_only_on_the_robots_it_names(tmp_path, monke
     assert "--env-ids" not in sweep.trials(g)[-1]["cmd"]
     ran = []
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    sweep.prepare(g, "Walker2d-v4", str(tmp_path))
-    assert ran == ["echo both"]
+    sweep.prepare(g, "Walker2d-v4", str(tmp_path), {"all", "walker"})
+    sweep.prepare(g, "Walker2d-v4", str(tmp_path), {"all"})  # a sweep of --cells all skips the walker cell's step
+    assert ran == ["echo both", "echo for walker", "echo both"]
     part = sweep.select(sweep.load_grid(str(tmp_path / "g.yaml")), seeds=[2], env_ids=["Walker2d-v4"], cells=["all"])
     assert [t["id"] for t in sweep.trials(part)] == ["Walker2d-v4__all__seed2"]  # --seeds, --env-ids, --cells
     with pytest.raises(sweep.GridError, match="--cells walkr: not all among the grid's cells all walker"):
@@ -1796,11 +1824,13 @@ def test_odt_td3_smoke_run_logs_and_resumes_exactly(tiny_ckpt, tmp_path):
     run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1", "--critic-cache", "cache.pt"), cwd=c)
     partial = glob.glob(str(c / "runs" / "*" / "checkpoint.pt"))[0]
     one_iteration = torch.load(partial, weights_only=False)
-    # the cached warm-up is the warm-up: a run that loads it makes the same first iteration, bit for bit
+    # the cached warm-up is the warm-up: a run that loads it makes the same first iteration, bit for bit, and the
+    # cache is keyed by the checkpoint's bytes, so it holds for the same checkpoint at another path (a new clone)
     d = tmp_path / "d"
     d.mkdir()
-    pd = run("baselines/odt_td3.py", *td3_cmd(tiny_ckpt, "--total-env-steps", "1", "--critic-cache", str(c / "cache.pt")),
-             cwd=d)
+    shutil.copy(tiny_ckpt, d / "moved.pt")
+    pd = run("baselines/odt_td3.py", *td3_cmd(str(d / "moved.pt"), "--total-env-steps", "1", "--critic-cache",
+                                              str(c / "cache.pt")), cwd=d)
     assert "critic warm-up: loaded" in pd.stdout
     loaded = torch.load(glob.glob(str(d / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
     for part in ("model", "critic", "critic_targ"):

@@ -15,6 +15,7 @@ Run: python baselines/odt_td3.py --env-id Hopper-v4            (README: "Baselin
 """
 
 import copy
+import hashlib
 import os
 import sys
 import time
@@ -188,7 +189,9 @@ def td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, n_c
 def warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, critic_opt):
     """The critic-only warm-up, or its result from --critic-cache (shared by the seeds of a grid: it depends on
     the checkpoint and the warm-up flags; each seed's own warm-up would differ only in its batches)."""
-    key = dict(checkpoint=os.path.abspath(args.checkpoint), steps=args.critic_warmup_steps, batch_size=args.batch_size,
+    with open(args.checkpoint, "rb") as f:  # the checkpoint's bytes, not its path: the cache travels with it
+        digest = hashlib.sha256(f.read()).hexdigest()
+    key = dict(checkpoint_sha256=digest, steps=args.critic_warmup_steps, batch_size=args.batch_size,
                critic_lr=args.critic_lr, gamma=args.gamma, train_steps=run.train_steps)
     names = ("critic", "critic_targ", "critic_opt")
     if args.critic_cache and os.path.isfile(args.critic_cache):

@@ -16,6 +16,7 @@ A grid file (YAML; see experiments/grids/):
       walker-only: {env_ids: [Walker2d-v4]}   # a cell (or a prepare step) may name the robots it is for
     prepare:                         # shell commands run once per robot before its trials, unless `creates` exists
       - {creates: "checkpoints/{env_id}__random.pt", run: "python pretrain.py --env-id {env_id} --torch-threads 1"}
+      - {creates: "...", run: "...", cells: [alive-keep]}   # a step only the named cells need
 
 Each trial is one process of its script with --torch-threads = --cpus-per-trial and its own run folder; its log
 is sweeps/<name>/<trial>.log. A failed trial is retried once, from its last checkpoint (--resume) when it left one.
@@ -93,8 +94,11 @@ def check_types(path, g):
         need(not isinstance((cell or {}).get("env_ids", []), str), f"cell {name!r}: `env_ids` must be a list")
     need(isinstance(g["prepare"], list), "`prepare` must be a list of {creates, run} steps")
     for step in g["prepare"]:
-        need(isinstance(step, dict) and isinstance(step.get("run"), str) and set(step) <= {"creates", "run", "env_ids"},
-             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`) only")
+        need(isinstance(step, dict) and isinstance(step.get("run"), str)
+             and set(step) <= {"creates", "run", "env_ids", "cells"},
+             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`, `cells`) only")
+        need(set(step.get("cells", [])) <= set(g["cells"]) and not isinstance(step.get("cells", []), str),
+             f"prepare step {step.get('creates', step['run'])!r}: `cells` must be a list of the grid's cells")
 
 
 def select(g, seeds=None, env_ids=None, cells=None):
@@ -145,9 +149,10 @@ def last_checkpoint(trial, workdir):
     return os.path.relpath(os.path.join(runs[-1], "checkpoint.pt"), workdir) if runs else None
 
 
-def prepare(g, env_id, workdir):
+def prepare(g, env_id, workdir, cells):
+    """The prepare steps for this robot that the given cells need (a step naming `cells` is for those alone)."""
     for step in g["prepare"]:
-        if env_id not in step.get("env_ids", [env_id]):
+        if env_id not in step.get("env_ids", [env_id]) or not set(step.get("cells", cells)) & set(cells):
             continue
         creates = step.get("creates", "").format(env_id=env_id)
         if creates and os.path.exists(os.path.join(workdir, creates)):
@@ -159,11 +164,12 @@ def prepare(g, env_id, workdir):
 
 
 def run_trial(cmd, log_path, workdir):
-    """One trial as a subprocess in workdir; its output goes to its log. Returns the exit code."""
+    """One trial as a subprocess in workdir; its output goes to its log. Returns the exit code and its seconds."""
+    t0 = time.time()
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        return subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT).returncode, time.time() - t0
 
 
 def main(argv=None):
@@ -179,14 +185,13 @@ def main(argv=None):
     p.add_argument("--workdir", default=ROOT, help="where trials run and runs/, sweeps/ live (default: the repo)")
     p.add_argument("--no-report", action="store_true", help="skip experiments/report.py at the end")
     p.add_argument("--list", action="store_true", help="list the trials (done, to resume, to start) and exit")
+    p.add_argument("--serial", action="store_true", help="run the trials one after another here, without Ray")
     a = p.parse_args(argv)
     try:
         g = select(load_grid(a.grid), seeds=a.seeds, env_ids=a.env_ids, cells=a.cells)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray
-
     workdir = os.path.abspath(a.workdir)
     out_dir = os.path.join(workdir, "sweeps", g["name"])
     os.makedirs(out_dir, exist_ok=True)
@@ -201,35 +206,40 @@ def main(argv=None):
         return 0
     try:
         for env_id in dict.fromkeys(t["env_id"] for t in todo):
-            prepare(g, env_id, workdir)
+            prepare(g, env_id, workdir, {t["cell"] for t in todo if t["env_id"] == env_id})
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     failed = []
     if todo:
-        ray.init(address=a.address, num_cpus=a.num_cpus if a.address is None else None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        task = ray.remote(run_trial).options(num_cpus=a.cpus_per_trial)
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // a.cpus_per_trial)
-        attempts, started, durations = {}, {}, []
+        if a.serial:  # one trial after another in this process, no Ray: a sweep given one core beside other work
+            slots, task, first, result = 1, lambda *job: job, lambda refs: refs[0], lambda job: run_trial(*job)
+        else:
+            import ray
+
+            ray.init(address=a.address, num_cpus=a.num_cpus if a.address is None else None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // a.cpus_per_trial)
+            task = ray.remote(run_trial).options(num_cpus=a.cpus_per_trial).remote
+            first, result = lambda refs: ray.wait(refs, num_returns=1)[0][0], ray.get
+        attempts, durations = {}, []
 
         def submit(t):
             resume = last_checkpoint(t, workdir)
             cmd = t["cmd"] + ["--torch-threads", str(a.cpus_per_trial)] + (["--resume", resume] if resume else [])
             attempts[t["id"]] = attempts.get(t["id"], 0) + 1
-            started[t["id"]] = time.time()
-            return task.remote(cmd, os.path.join(out_dir, t["id"] + ".log"), workdir)
+            return task(tuple(cmd), os.path.join(out_dir, t["id"] + ".log"), workdir)
 
         pending = {submit(t): t for t in todo}
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            ref = first(list(pending))
             t = pending.pop(ref)
-            rc = ray.get(ref)
+            rc, seconds = result(ref)
             if rc == 0:
-                durations.append(time.time() - started[t["id"]])
+                durations.append(seconds)
                 with open(os.path.join(out_dir, t["id"] + ".json"), "w") as f:
                     json.dump(dict(t, run=os.path.relpath(trial_runs(t, workdir)[-1], workdir),
-                                   seconds=durations[-1]), f)
+                                   seconds=seconds), f)
             elif attempts[t["id"]] <= a.retries:
                 print(f"[sweep] {t['id']} failed (exit {rc}); retrying", flush=True)
                 pending[submit(t)] = t
@@ -241,7 +251,8 @@ def main(argv=None):
             eta = sum(durations) / max(len(durations), 1) * -(-left // slots) if durations else float("nan")
             print(f"[sweep] {len(todo) - left - len(failed)}/{len(todo)} done, {min(left, slots)} running, "
                   f"{left - min(left, slots)} queued, {len(failed)} failed; ETA {eta / 60:.0f} min", flush=True)
-        ray.shutdown()
+        if not a.serial:
+            ray.shutdown()
         if failed:
             print(f"[sweep] {len(failed)} trials failed: {', '.join(failed)}; run the sweep again to retry them",
                   flush=True)
