@@ -568,8 +568,9 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
                      env_id=args.env_id, reward_scale=args.reward_scale, eval_return=float(returns.mean()),
                      temperature=log_temp.exp().item(), pretrain_curve=curve,
                      pretrain_wall_s=wall0 + time.time() - t_start,
-                     pretrain_optimizer=dict(name=args.optimizer, steps=args.num_steps,
-                                             state=optimizer.state_dict())), output)
+                     pretrain_optimizer=dict(name=args.optimizer, steps=args.num_steps,  # LAMB's moments go on in ODT
+                                             state=optimizer.state_dict() if args.optimizer == "lamb" else None)),
+                output)
     if os.path.isfile(output + ".partial"):
         os.remove(output + ".partial")
     print(f"checkpoint written to {output}")

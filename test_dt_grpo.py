@@ -921,8 +921,9 @@ def test_converged_pretraining_warms_up_then_decays_by_a_cosine_to_its_floor(tmp
         return real_step(model, optimizer, *a)
 
     monkeypatch.setattr(pretrain, "odt_step", record)
-    pretrain_tiny(tmp_path, "c.pt", recipe="converged", num_steps=7, batch_size=4, warmup_steps=3, eval_every=0,
-                  learning_rate=1e-3)
+    c = pretrain_tiny(tmp_path, "c.pt", recipe="converged", num_steps=7, batch_size=4, warmup_steps=3, eval_every=0,
+                      learning_rate=1e-3)
+    assert torch.load(c, weights_only=False)["pretrain_optimizer"] == dict(name="adamw", steps=7, state=None)
     cos = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in (1, 2, 3, 4)]  # 4 steps after the warm-up
     assert np.allclose(used, 1e-3 * np.array([1 / 3, 2 / 3, 1, *cos]), rtol=1e-12, atol=0)
     assert used[-1] == pytest.approx(1e-4) and used[3] > used[4] > used[5] > used[6]
@@ -1690,6 +1691,9 @@ def test_odt_learning_rate_warms_up_across_pretraining_and_finetuning():
     torch.testing.assert_close(opt.state[first]["exp_avg"], pre.state[first]["exp_avg"])  # LAMB's moments continue
     b = odt.Args(optimizer="adamw")
     assert not odt.online_optimizer(model, b, ckpt).state and b.warmup_offset == 7  # another optimizer starts afresh
+    adamw = dict(args=dict(num_steps=5), pretrain_optimizer=dict(name="adamw", steps=5, state=None))  # pretrain.py's
+    c = odt.Args(optimizer="adamw")
+    assert not odt.online_optimizer(model, c, adamw).state and c.warmup_offset == 5  # an AdamW pretraining keeps none
 
 
 def hand_episode(n, terminated, obs_dim=11, act_dim=3, r0=0.0):

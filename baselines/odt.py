@@ -83,12 +83,12 @@ def odt_lr(step, args: Args, offset):
 
 def online_optimizer(model, args: Args, ckpt):
     """ODT's optimizer of the online phase. From a pretraining checkpoint: LAMB's moments continue when pretraining
-    used the same optimizer, and --warmup-offset defaults to its gradient steps (recorded in the run's flags, so a
+    used LAMB too (pretrain.py keeps LAMB's state alone; an AdamW pretraining's would only weigh the file), and --warmup-offset defaults to its gradient steps (recorded in the run's flags, so a
     resumed run keeps it). A run checkpoint's optimizer state is loaded by Run."""
     opt = pretrain.make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
     if "iteration" not in ckpt:
         saved = ckpt.get("pretrain_optimizer") or {}
-        if saved.get("name") == args.optimizer:
+        if saved.get("name") == args.optimizer and saved.get("state"):
             opt.load_state_dict(saved["state"])
             for g in opt.param_groups:
                 g["weight_decay"] = args.weight_decay
