@@ -895,6 +895,7 @@ def test_an_interrupted_pretraining_resumes_exactly_and_keeps_its_curve(tmp_path
             or ln.startswith("| cut")]
     y = [p["normalized"] for p in whole["pretrain_curve"]]
     assert rows[0][1] == "8 of 8 × 8 × 10" and rows[0][3] == "2" and rows[0][4] == f"{y[-1]:.1f}"
+    assert rows[0][2] == "adamw, 0.0003, cosine to 0.1×"  # the converged recipe's schedule
     assert rows[0][5] == f"{max(y):.1f}" and rows[0][-1] == "yes |"
     assert rows[1][1] == "4 of 8 × 8 × 10" and rows[1][4] == f"{y[0]:.1f}" and rows[1][-1] == "running |"
     assert (tmp_path / "pc.png").is_file()

@@ -33,19 +33,27 @@ def flat(curve, last=3):
     return sum(y[-last:]) / last - sum(y[-2 * last:-last]) / last
 
 
+def schedule(args):
+    """After the warm-up: constant, or pretrain.py's cosine decay to a fraction of the rate (older checkpoints: constant)."""
+    ratio = args.get("min_lr_ratio")
+    ratio = 1.0 if ratio is None else ratio
+    return ", constant" if ratio >= 1 else f", cosine to {ratio:g}×"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="pretraining checkpoints or .partial states")
     p.add_argument("--out", required=True, help="output path without extension (.md and .png are written)")
     a = p.parse_args(argv)
     rows = [load_curve(path) for path in a.paths]
-    lines = ["| checkpoint | steps × batch × K | optimizer, lr | points | last | best | last 3 − 3 before | "
+    lines = ["| checkpoint | steps × batch × K | optimizer, lr after warm-up | points | last | best | last 3 − 3 before | "
              "wall (min) | done |", "|---|---|---|---|---|---|---|---|---|"]
     for label, curve, args, done in rows:
         y = [q["normalized"] for q in curve]
         lines.append(f"| {label} | {curve[-1]['step']:,} of {args['num_steps']:,} × {args['batch_size']} × "
                      f"{args['context_len']} | "
-                     f"{args['optimizer']}, {args['learning_rate']:g} | {len(curve)} | {y[-1]:.1f} | {max(y):.1f} | "
+                     f"{args['optimizer']}, {args['learning_rate']:g}{schedule(args)} | {len(curve)} | {y[-1]:.1f} | "
+                     f"{max(y):.1f} | "
                      f"{flat(curve):+.1f} | {curve[-1]['wall_s'] / 60:.0f} | {'yes' if done else 'running'} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".md", "w") as f:
