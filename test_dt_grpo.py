@@ -2083,6 +2083,23 @@ def test_d4rl_observations_of_another_form_fail_with_one_line(tmp_path, obs, wor
         pretrain.load_hdf5(p, "Hopper-v4")
 
 
+def test_rtg_sweep_reports_the_evaluation_of_each_rtg_on_the_same_start_states(tiny_ckpt, capsys):
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import rtg_sweep
+
+    assert rtg_sweep.main([tiny_ckpt, "--rtgs", "100", "3600", "--episodes", "2", "--seed", "5"]) == 0
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 100 ")
+            or ln.startswith("| 3600 ")]
+    ckpt = torch.load(tiny_ckpt, weights_only=False)
+    model, norm = dt_grpo.load_policy(ckpt)
+    lanes = dt_grpo.Lanes("Hopper-v4", 2)
+    for row, rtg in zip(rows, (100, 3600)):
+        returns, lengths, _ = dt_grpo.evaluate(model, lanes, norm, ckpt["reward_scale"], rtg, seed=5)
+        assert row[1] == f"{returns.mean():.0f} ± {returns.std():.0f}" and row[3] == f"{lengths.mean():.0f}", rtg
+    lanes.close()
+    assert rtg_sweep.main(["nope.pt"]) == 2 and "not found" in capsys.readouterr().err
+
+
 def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import report
