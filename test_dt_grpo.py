@@ -1807,6 +1807,23 @@ def td3_cmd(ckpt, *extra):
     return [*odt_cmd(ckpt), "--critic-warmup-steps", "4", "--min-transitions-per-iter", "0", *extra]
 
 
+def test_odt_td3_critic_warm_up_in_chunks_is_the_one_call_and_prints_progress(tiny_ckpt, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The warm-up prints a line with an ETA every WARMUP_PRINT_EVERY actor intervals; cut into chunks it takes the
+    same steps (sampler draws, Polyak updates at the interval) as one call: the critics come out bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    argv = td3_cmd(tiny_ckpt, "--critic-warmup-steps", "5", "--total-env-steps", "1")
+    odt_td3.main(infra_run.parse_args(odt_td3.Args, [*argv, "--critic-cache", "whole.pt"]))
+    monkeypatch.setattr(odt_td3, "WARMUP_PRINT_EVERY", 1)  # chunks of 2 steps (interval 2): 2 + 2 + 1
+    odt_td3.main(infra_run.parse_args(odt_td3.Args, [*argv, "--critic-cache", "cut.pt"]))
+    out = capsys.readouterr().out
+    assert "critic warm-up: 2/5 steps" in out and "critic warm-up: 4/5 steps" in out and "ETA" in out
+    whole, cut = torch.load("whole.pt", weights_only=False), torch.load("cut.pt", weights_only=False)
+    for part in ("critic", "critic_targ"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, cut[part][k]), (part, k)
+
+
 def test_odt_td3_smoke_run_logs_and_resumes_exactly(tiny_ckpt, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -186,6 +186,9 @@ def td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, n_c
     return torch.stack(logs).mean(0)
 
 
+WARMUP_PRINT_EVERY = 500  # critic warm-up progress: a line every this many actor intervals (1,000 steps at 2)
+
+
 def warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, critic_opt):
     """The critic-only warm-up, or its result from --critic-cache (shared by the seeds of a grid: it depends on
     the checkpoint and the warm-up flags; each seed's own warm-up would differ only in its batches)."""
@@ -206,8 +209,14 @@ def warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, c
     t0 = time.time()
     sampler = TransitionSampler(offline, run.train_steps, run.scale, run.norm.mean, run.norm.std, model.max_ep_len,
                                 args.seed)
-    logs = td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, args.critic_warmup_steps, args,
-                       run.device)
+    done, total, chunk = 0, args.critic_warmup_steps, WARMUP_PRINT_EVERY * args.actor_update_interval
+    while done < total:  # chunks of a multiple of the actor interval: the same steps as one call, with an ETA
+        n = min(chunk, total - done)
+        logs = td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, n, args, run.device)
+        done += n
+        rate = done / (time.time() - t0)
+        print(f"critic warm-up: {done}/{total} steps, loss {logs[0].item():.3f} ({rate:.1f} steps/s, "
+              f"ETA {(total - done) / rate:.0f} s)", flush=True)
     print(f"critic warm-up: {args.critic_warmup_steps} steps on the offline data, loss {logs[0].item():.3f}, "
           f"Q1 {logs[1].item():.1f} ({time.time() - t0:.0f} s)", flush=True)
     if args.critic_cache:
