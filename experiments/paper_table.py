@@ -9,10 +9,12 @@ evaluation at or below it, counted only for the runs that got there, i.e. whose 
 or beyond; "k/n" says how many seeds did when not all) and at the env steps that every run of the dataset reached
 (the equal-env-steps point when the wall-time cap stops the slow methods early), the score at the end of the run
 (the wall-time cap or the env-step budget, whichever came first), the env steps and wall minutes it took, each
-score as IQM [95% CI] over seeds (rliable, as in report.py). Writes experiments/results/<grid name>-table.md.
+score as IQM [95% CI] over seeds (rliable, as in report.py). Only finished trials count (those sweep.py has
+recorded in sweeps/<grid name>/). Writes experiments/results/<grid name>-table.md.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -87,17 +89,25 @@ def main(argv=None):
     a = p.parse_args(argv)
     import sweep
 
+    workdir = os.path.abspath(a.workdir)
     try:
-        dirs, out = report.grid_runs(a.grid, os.path.abspath(a.workdir))
-        name = sweep.load_grid(a.grid)["name"]
+        g = sweep.load_grid(a.grid)
     except sweep.GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    name, out, grid_trials = g["name"], os.path.join(workdir, "experiments", "results", g["name"]), sweep.trials(g)
+    dirs = []
+    for t in grid_trials:  # finished trials only (sweep.py's record): a run under way would pull the columns down
+        record = os.path.join(workdir, "sweeps", name, t["id"] + ".json")
+        if os.path.isfile(record):
+            with open(record) as f:
+                dirs.append(os.path.join(workdir, json.load(f)["run"]))
     runs = [r for r in (report.load(d) for d in dirs) if r is not None]
     if not runs:
-        print(f"error: no trial of {a.grid} has an evaluation yet; run the sweep first", file=sys.stderr)
+        print(f"error: no trial of {a.grid} has finished yet; run the sweep first", file=sys.stderr)
         return 1
-    text = tables(runs, name, a.budgets)
+    text = (f"{len(runs)} of the grid's {len(grid_trials)} trials finished (`python experiments/sweep.py {a.grid} "
+            "--list` says which); the others are left out.\n\n" + tables(runs, name, a.budgets))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + "-table.md", "w") as f:
         f.write(text)
