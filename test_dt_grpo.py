@@ -1220,9 +1220,18 @@ def test_ctrl_c_names_the_checkpoint_that_resumes_and_budget_overshoot_is_report
 
 
 def test_throughput_benchmark_runs_on_a_tiny_budget(tmp_path):
+    """At the default pretraining batch (the quick recipe's: a None batch once crashed the default run) and with an
+    explicit --checkpoint; bad paths and --cuda without a GPU are one line each."""
+    ck = os.path.join(HERE, "checkpoints", "Hopper-v4__medium__converged.pt")
     p = run("benchmarks/throughput.py", "--steps", "3", "--update-steps", "1", "--num-resets", "1", "--group-size", "2",
-            "--l-eval", "3", "--pretrain-batch", "4", cwd=tmp_path)
-    assert "steps/s" in p.stdout and "GRPO update step" in p.stdout
+            "--l-eval", "3", "--checkpoint", ck, cwd=tmp_path)
+    assert "steps/s" in p.stdout and "GRPO update step" in p.stdout and f"checkpoint {ck}" in p.stdout
+    assert "batch 64)" in p.stdout  # pretrain.py's quick recipe, the default
+    p = run("benchmarks/throughput.py", "--checkpoint", "missing.pt", cwd=tmp_path, expect=1)
+    assert p.stderr.strip() == "error: checkpoint missing.pt not found; give an existing file or drop the flag"
+    if not torch.cuda.is_available():
+        p = run("benchmarks/throughput.py", "--cuda", cwd=tmp_path, expect=1)
+        assert p.stderr.strip().startswith("error: --cuda given but torch sees no GPU")
 
 
 @pytest.mark.parametrize("env_id", ["Walker2d-v4", "HalfCheetah-v4", "Ant-v4"])

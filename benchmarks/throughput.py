@@ -27,6 +27,13 @@ from infra.run import default_checkpoint, load_checkpoint  # noqa: E402
 import pretrain  # noqa: E402
 
 ALGO_FLAGS = ("num_resets", "group_size", "l_traj", "l_eval", "num_minibatches")  # the ones this benchmark varies
+DEVICE = torch.device("cpu")  # --cuda puts the models, their inputs and the matrix-product peak on the GPU
+
+
+def sync():
+    """Wait for the GPU's queued work, so that a timer reads finished work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def serial_gym_rate(env_id, n_envs, steps, seed=0):
@@ -66,13 +73,13 @@ def model_and_norm(env_id, cfg=None, path=None):
     initialised DT of pretrain.py's default size (with the overrides in cfg)."""
     path = path or default_checkpoint(env_id)
     if cfg is None and os.path.isfile(path):
-        return (*dt_grpo.load_policy(load_checkpoint(path, env_id)), f"checkpoint {path}")
+        return (*dt_grpo.load_policy(load_checkpoint(path, env_id), DEVICE), f"checkpoint {path}")
     env = dt_grpo.make_env(env_id)
     d = pretrain.Args()
     cfg = {**dict(embed_dim=d.embed_dim, n_layer=d.n_layer, n_head=d.n_head, context_len=d.context_len), **(cfg or {})}
     model = dt_grpo.make_model(dt_grpo.ModelConfig(env.observation_space.shape[0], env.action_space.shape[0],
                                                             dropout=0.0, time_embed=d.time_embed, **cfg))
-    return model.eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
+    return model.to(DEVICE).eval(), dt_grpo.Normalizer(np.zeros(model.obs_dim), np.ones(model.obs_dim)), "fresh model"
 
 
 def group_rollout_rate(model, norm, env_id, a, workers, repeats=3):
@@ -121,8 +128,10 @@ def grpo_update_seconds(model, norm, env_id, a, steps):
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     run = lambda n: dt_grpo.grpo_update(model, opt, batch, dataclasses.replace(a, update_epochs=n))  # noqa: E731
     run(1)  # warm-up
+    sync()
     t = time.perf_counter()
     stats, _ = run(steps)
+    sync()
     return (time.perf_counter() - t) / max(len(stats.get("policy_loss", [])), 1), batch.actions.shape
 
 
@@ -130,17 +139,19 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps, split=False)
     """Median seconds of one pretraining step (forward, backward, clip, AdamW); with split, also the shares of the
     step's CPU time in matrix products and in dropout's random masks (torch.profiler over the timed steps)."""
     torch.manual_seed(0)
-    model = dt_grpo.make_model(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).train()
+    model = dt_grpo.make_model(dt_grpo.ModelConfig(obs_dim, act_dim, dropout=0.1, **cfg)).to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     K = cfg["context_len"]
     b = dict(rtg=torch.randn(batch_size, K, 1), states=torch.randn(batch_size, K, obs_dim),
              actions=torch.rand(batch_size, K, act_dim) * 2 - 1, timesteps=torch.randint(0, 1000, (batch_size, K)),
              valid=torch.ones(batch_size, K, dtype=torch.bool))
+    b = {k: v.to(DEVICE) for k, v in b.items()}
     times = []
     prof = torch.profiler.profile() if split else contextlib.nullcontext()
     for i in range(steps + 3):
         if i == 3:
             prof.__enter__()
+        sync()
         t = time.perf_counter()
         mean, log_std = model(b["rtg"], b["states"], b["actions"], b["timesteps"], b["valid"])
         nll = -dt_grpo.log_prob(mean, log_std, b["actions"]).mean()
@@ -149,6 +160,7 @@ def pretrain_step_seconds(obs_dim, act_dim, cfg, batch_size, steps, split=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
+        sync()
         if i >= 3:
             times.append(time.perf_counter() - t)
     prof.__exit__(None, None, None)
@@ -167,6 +179,7 @@ def forward_ms(model, B, repeats=20):
     win = dict(rtg=torch.randn(B, K, 1), states=torch.randn(B, K, model.obs_dim),
                actions=torch.rand(B, K, model.act_dim) * 2 - 1, timesteps=torch.zeros(B, K, dtype=torch.long),
                valid=torch.ones(B, K, dtype=torch.bool))
+    win = {k: v.to(DEVICE) for k, v in win.items()}
     with torch.inference_mode():
         if hasattr(model, "step_cached"):  # band attention (infra/band.py)
             cache = model.cache_from({k: v[:, :-1] for k, v in win.items()})
@@ -175,19 +188,23 @@ def forward_ms(model, B, repeats=20):
         else:
             step = lambda: model.act_dist(win)  # noqa: E731
         step()
+        sync()
         t = time.perf_counter()
         for _ in range(repeats):
             step()
+        sync()
     return 1e3 * (time.perf_counter() - t) / repeats
 
 
 def matmul_gflops(n=1024, repeats=10):
-    """Measured fp32 matrix-multiply throughput with torch's threads: the practical peak of this CPU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """Measured fp32 matrix-multiply throughput (torch's threads, or the GPU): the practical peak of the device."""
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
@@ -199,6 +216,19 @@ def pretrain_step_flops(obs_dim, act_dim, cfg, batch):
     return 3 * batch * per_seq
 
 
+class Rows(list):
+    """The result rows, each printed as soon as it is measured (a run cut short keeps what it measured)."""
+
+    def append(self, row):
+        print(f"{row[0]:<110}  {row[1]}", flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows):
+        for r in rows:
+            self.append(r)
+        return self
+
+
 def main():
     d = dt_grpo.Args()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,26 +236,39 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="lock-step steps of the env-only measurement")
     p.add_argument("--update-steps", type=int, default=5, help="timed steps per gradient-step measurement")
     p.add_argument("--pretrain-batch", type=int, default=None, help="batch of the pretraining-step measurements")
+    p.add_argument("--checkpoint", default=None, help="the window-attention policy's checkpoint (default "
+                   "checkpoints/<env>__random.pt if present, else a fresh model)")
     p.add_argument("--band-checkpoint", default=None, help="a band-attention checkpoint (default "
                    "checkpoints/<env>__random__band.pt if present, else a fresh band model)")
     p.add_argument("--workers", default=None, help="comma-separated --sim-workers values to measure (default: 0, "
                    "then 2, 4, ... up to the number of cores)")
     for k in ALGO_FLAGS:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
+    p.add_argument("--cuda", action="store_true", help="run the policies, updates and pretraining steps on the GPU "
+                   "(the simulator stays on the CPU, as in dt_grpo.py --cuda)")
     cli = p.parse_args()
+    global DEVICE
+    if cli.cuda and not torch.cuda.is_available():
+        sys.exit("error: --cuda given but torch sees no GPU; drop --cuda or install a CUDA build of torch")
+    DEVICE = torch.device("cuda" if cli.cuda else "cpu")
+    for path in (cli.checkpoint, cli.band_checkpoint):
+        if path and not os.path.isfile(path):
+            sys.exit(f"error: checkpoint {path} not found; give an existing file or drop the flag")
     a = dataclasses.replace(d, env_id=cli.env_id, **{k: getattr(cli, k) for k in ALGO_FLAGS})  # dt_grpo's real Args
     B = a.num_resets * a.group_size
     cores = os.cpu_count() or 1
     workers = [int(w) for w in cli.workers.split(",")] if cli.workers else [0, *range(2, cores + 1, 2)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; {a.env_id}; {B} lanes "
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if cli.cuda else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores{gpu}; {a.env_id}; {B} lanes "
           f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
-    rows = [("1. serial gymnasium: env.step (wrappers included), random actions",
-             f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s")]
+    rows = Rows()
+    rows.append(("1. serial gymnasium: env.step (wrappers included), random actions",
+                 f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s"))
     env_rate = {w: env_only_rate(a.env_id, B, cli.steps, w) for w in workers}
     rows += [(f"1. env-only: dt_grpo.Lanes, random actions, --sim-workers {w}", f"{env_rate[w]:,.0f} steps/s")
              for w in workers]
     band_path = cli.band_checkpoint or default_checkpoint(a.env_id).replace(".pt", "__band.pt")
-    policies = dict(window=model_and_norm(a.env_id), band=model_and_norm(a.env_id, path=band_path))
+    policies = dict(window=model_and_norm(a.env_id, path=cli.checkpoint), band=model_and_norm(a.env_id, path=band_path))
     if policies["band"][2] == "fresh model":
         policies["band"] = model_and_norm(a.env_id, cfg=dict(attention="band"))
     for kind, (model, norm, what) in policies.items():
@@ -251,7 +294,7 @@ def main():
         rows.append((f"3a. GRPO update step, {kind} policy ({shape[0]} branches x {shape[1]} actions / "
                      f"{a.num_minibatches} minibatches)", f"{sec:.3f} s"))
     model, norm, _ = policies["window"]
-    dp = pretrain.Args()
+    dp = pretrain.Args(**pretrain.RECIPES["quick"])  # the default recipe's sizes
     obs_dim, act_dim = model.obs_dim, model.act_dim
     default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
     sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, cli.pretrain_batch or dp.batch_size, cli.update_steps)
@@ -259,6 +302,8 @@ def main():
                  f"batch {cli.pretrain_batch or dp.batch_size})", f"{sec:.3f} s"))
     odt_cfg, odt_batch = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20), cli.pretrain_batch or 64
     sec, mm, drop = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, odt_batch, cli.update_steps, split=True)
+    if cli.cuda:  # the profiler's CPU self-times do not describe GPU work
+        mm = drop = float("nan")
     rows.append((f"3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch {odt_batch}; ODT at "
                  "batch 64: 0.175 s)",
                  f"{sec:.3f} s: matrix products {100 * mm:.0f}%, dropout masks {100 * drop:.0f}%, rest "
@@ -272,8 +317,6 @@ def main():
     rows.append(("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows.append(("4. peak RSS of this process", f"{rss:,.0f} MB"))
-    w = max(len(r[0]) for r in rows)
-    print("\n".join(f"{r[0]:<{w}}  {r[1]}" for r in rows))
 
 
 if __name__ == "__main__":
