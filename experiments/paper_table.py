@@ -31,7 +31,8 @@ PUBLISHED = {
     ("Hopper-v4", "random"): {"odt": "2.2 → 29.1", "odt_td3": "2.0 → 76.1"},
     ("Walker2d-v4", "random"): {"odt": "4.3 → 14.1", "odt_td3": "4.6 → 57.9"},
 }
-METHODS = {"grpo": "GRPO-DT", "grpo_lowlr": "GRPO-DT, lr 3e-6", "odt": "ODT", "odt_td3": "ODT+TD3"}
+METHODS = {"grpo": "GRPO-DT", "grpo_lowlr": "GRPO-DT, lr 3e-6", "grpo_undisc": "GRPO-DT, γ 1", "odt": "ODT",
+           "odt_td3": "ODT+TD3"}
 
 
 def cell_parts(exp, grid_name):
