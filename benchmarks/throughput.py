@@ -216,17 +216,9 @@ def pretrain_step_flops(obs_dim, act_dim, cfg, batch):
     return 3 * batch * per_seq
 
 
-class Rows(list):
-    """The result rows, each printed as soon as it is measured (a run cut short keeps what it measured)."""
-
-    def append(self, row):
-        print(f"{row[0]:<110}  {row[1]}", flush=True)
-        super().append(row)
-
-    def __iadd__(self, rows):
-        for r in rows:
-            self.append(r)
-        return self
+def row(label, value):
+    """One result row, printed as soon as it is measured (a run cut short keeps what it measured)."""
+    print(f"{label:<110}  {value}", flush=True)
 
 
 def main():
@@ -261,12 +253,11 @@ def main():
     gpu = f"; GPU {torch.cuda.get_device_name()}" if cli.cuda else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores{gpu}; {a.env_id}; {B} lanes "
           f"(M={a.num_resets} x G={a.group_size}), L_traj={a.l_traj}, L_eval={a.l_eval}")
-    rows = Rows()
-    rows.append(("1. serial gymnasium: env.step (wrappers included), random actions",
-                 f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s"))
+    row("1. serial gymnasium: env.step (wrappers included), random actions",
+        f"{serial_gym_rate(a.env_id, B, cli.steps):,.0f} steps/s")
     env_rate = {w: env_only_rate(a.env_id, B, cli.steps, w) for w in workers}
-    rows += [(f"1. env-only: dt_grpo.Lanes, random actions, --sim-workers {w}", f"{env_rate[w]:,.0f} steps/s")
-             for w in workers]
+    for w in workers:
+        row(f"1. env-only: dt_grpo.Lanes, random actions, --sim-workers {w}", f"{env_rate[w]:,.0f} steps/s")
     band_path = cli.band_checkpoint or default_checkpoint(a.env_id).replace(".pt", "__band.pt")
     policies = dict(window=model_and_norm(a.env_id, path=cli.checkpoint), band=model_and_norm(a.env_id, path=band_path))
     if policies["band"][2] == "fresh model":
@@ -274,49 +265,46 @@ def main():
     for kind, (model, norm, what) in policies.items():
         for w in workers:
             rate, mean_len = group_rollout_rate(model, norm, a.env_id, a, w)
-            rows.append((f"2. group rollouts, {kind} policy, --sim-workers {w}",
-                         f"{rate:,.0f} steps/s = {rate / env_rate[w]:.2f} x env-only"))
-        rows.append((f"2a. {kind} policy: {what}; mean branch length", f"{mean_len:.0f} steps"))
+            row(f"2. group rollouts, {kind} policy, --sim-workers {w}",
+                f"{rate:,.0f} steps/s = {rate / env_rate[w]:.2f} x env-only")
+        row(f"2a. {kind} policy: {what}; mean branch length", f"{mean_len:.0f} steps")
         total, fwd, sim = rollout_profile(model, norm, a.env_id, a)
-        rows.append((f"2b. where a group rollout's time goes ({kind}; cProfile, --sim-workers 0)",
-                     f"forward {100 * fwd / total:.0f}%, simulator {100 * sim / total:.0f}%, rest (buffers, "
-                     f"indexing, Python) {100 * (total - fwd - sim) / total:.0f}%"))
+        row(f"2b. where a group rollout's time goes ({kind}; cProfile, --sim-workers 0)",
+            f"forward {100 * fwd / total:.0f}%, simulator {100 * sim / total:.0f}%, rest (buffers, "
+            f"indexing, Python) {100 * (total - fwd - sim) / total:.0f}%")
     model, norm, _ = policies["window"]
     size = dict(embed_dim=model.cfg.embed_dim, n_layer=model.cfg.n_layer, n_head=model.cfg.n_head)
     for label, cfg in ((f"window K {model.context_len}", dict(context_len=model.context_len)),
                        ("window K 5", dict(context_len=5)),
                        (f"band K {model.context_len}, KV cache",
                         dict(context_len=model.context_len, attention="band"))):
-        rows.append((f"2c. policy forward per lock-step step, {B} lanes, {label}",
-                     f"{forward_ms(model_and_norm(a.env_id, cfg=dict(size, **cfg))[0], B):.2f} ms"))
+        row(f"2c. policy forward per lock-step step, {B} lanes, {label}",
+            f"{forward_ms(model_and_norm(a.env_id, cfg=dict(size, **cfg))[0], B):.2f} ms")
     for kind, (model, norm, _) in policies.items():
         sec, shape = grpo_update_seconds(model, norm, a.env_id, a, cli.update_steps)
-        rows.append((f"3a. GRPO update step, {kind} policy ({shape[0]} branches x {shape[1]} actions / "
-                     f"{a.num_minibatches} minibatches)", f"{sec:.3f} s"))
+        row(f"3a. GRPO update step, {kind} policy ({shape[0]} branches x {shape[1]} actions / "
+            f"{a.num_minibatches} minibatches)", f"{sec:.3f} s")
     model, norm, _ = policies["window"]
-    dp = pretrain.Args(**pretrain.RECIPES["quick"])  # the default recipe's sizes
+    dp = pretrain.resolve_recipe(pretrain.Args())  # the default recipe's sizes
     obs_dim, act_dim = model.obs_dim, model.act_dim
     default_cfg = dict(embed_dim=dp.embed_dim, n_layer=dp.n_layer, n_head=dp.n_head, context_len=dp.context_len)
     sec = pretrain_step_seconds(obs_dim, act_dim, default_cfg, cli.pretrain_batch or dp.batch_size, cli.update_steps)
-    rows.append((f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
-                 f"batch {cli.pretrain_batch or dp.batch_size})", f"{sec:.3f} s"))
+    row(f"3b. pretraining step, default ({dp.embed_dim} wide, {dp.n_layer} layers, K {dp.context_len}, "
+        f"batch {cli.pretrain_batch or dp.batch_size})", f"{sec:.3f} s")
     odt_cfg, odt_batch = dict(embed_dim=128, n_layer=3, n_head=1, context_len=20), cli.pretrain_batch or 64
     sec, mm, drop = pretrain_step_seconds(obs_dim, act_dim, odt_cfg, odt_batch, cli.update_steps, split=True)
-    if cli.cuda:  # the profiler's CPU self-times do not describe GPU work
-        mm = drop = float("nan")
-    rows.append((f"3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch {odt_batch}; ODT at "
-                 "batch 64: 0.175 s)",
-                 f"{sec:.3f} s: matrix products {100 * mm:.0f}%, dropout masks {100 * drop:.0f}%, rest "
-                 f"{100 * (1 - mm - drop):.0f}%"))
+    split = f": matrix products {100 * mm:.0f}%, dropout masks {100 * drop:.0f}%, rest {100 * (1 - mm - drop):.0f}%"
+    row(f"3c. pretraining step, ODT small size (128 wide, 3 layers, 1 head, K 20, batch {odt_batch}; ODT at "
+        "batch 64: 0.175 s)", f"{sec:.3f} s" + ("" if cli.cuda else split))  # CPU self-times miss GPU work
     flops, peak = pretrain_step_flops(obs_dim, act_dim, odt_cfg, odt_batch), matmul_gflops()
-    rows.append(("3c'. its FLOP floor: FLOPs / measured fp32 matmul rate (1024^2, same threads)",
-                 f"{flops / 1e9:.1f} GFLOP / {peak:.0f} GFLOP/s = {flops / 1e9 / peak:.3f} s; step = "
-                 f"{sec / (flops / 1e9 / peak):.2f} x floor"))
+    row("3c'. its FLOP floor: FLOPs / measured fp32 matmul rate (1024^2, same threads)",
+        f"{flops / 1e9:.1f} GFLOP / {peak:.0f} GFLOP/s = {flops / 1e9 / peak:.3f} s; step = "
+        f"{sec / (flops / 1e9 / peak):.2f} x floor")
     small, _, _ = model_and_norm(a.env_id, cfg=odt_cfg)
     sec, _ = grpo_update_seconds(small, norm, a.env_id, a, cli.update_steps)
-    rows.append(("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s"))
+    row("3d. GRPO update step, ODT small size (K 20)", f"{sec:.3f} s")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows.append(("4. peak RSS of this process", f"{rss:,.0f} MB"))
+    row("4. peak RSS of this process", f"{rss:,.0f} MB")
 
 
 if __name__ == "__main__":
