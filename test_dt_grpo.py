@@ -1460,6 +1460,19 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
     p = run("experiments/make_d4rl_like.py", "--datasets", "medium", "--collect-steps", "300", "--behaviour-dir", "beh",
             cwd=tmp_path)
     assert "medium: identical to the data first made" in p.stdout and "SAC step" not in p.stdout
+    # medium-replay remade beside a kept snapshot: SAC runs to the snapshot's step, the snapshot stays as it is
+    replay = tmp_path / "data" / "Hopper-v4__medium-replay__seed1.hdf5"
+    with h5py.File(replay, "r") as f:
+        first = {k: f[k][()] for k in ("observations", "actions", "rewards", "timeouts")}
+    snap = (tmp_path / "beh" / "Hopper-v4__seed1.pt").read_bytes()
+    os.remove(replay)
+    shutil.rmtree(tmp_path / "data" / "Hopper-v4__sac-state__seed1")
+    p = run("experiments/make_d4rl_like.py", "--datasets", "medium-replay", "--max-sac-steps", "400", "--eval-every",
+            "100", "--learning-starts", "100", "--save-every", "200", "--behaviour-dir", "beh", cwd=tmp_path)
+    assert "SAC step 200/200 (the kept snapshot's step)" in p.stdout and "sampled-action return" not in p.stdout
+    assert (tmp_path / "beh" / "Hopper-v4__seed1.pt").read_bytes() == snap
+    with h5py.File(replay, "r") as f:  # the same seeded SAC on the same CPU: the same log, bit for bit
+        assert f.attrs["sac_steps"] == 200 and all(np.array_equal(f[k][()], v) for k, v in first.items())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -216,9 +216,11 @@ def describe(arrays, env_id):
 # ---------------------------------------------------------------------------------------------------
 # SAC until the band (resumable), the medium-replay log, collection with a policy
 # ---------------------------------------------------------------------------------------------------
-def train_sac(args, band, state_dir):
+def train_sac(args, band, state_dir, stop_at=None):
     """SAC (SB3 defaults otherwise) until a sampled-action evaluation lands in the band. Returns the training log
-    up to the snapshot (the medium-replay arrays) and the snapshot's record; the snapshot's actor is saved."""
+    up to the snapshot (the medium-replay arrays) and the snapshot's record; the snapshot's actor is saved.
+    With `stop_at` (the kept snapshot's step) SAC runs exactly that far instead, and the kept snapshot is left
+    alone: medium-replay then ends where the kept `medium` policy was taken."""
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -259,8 +261,12 @@ def train_sac(args, band, state_dir):
     class BandStop(BaseCallback):
         def _on_step(self):
             n = self.num_timesteps
-            if n % args.save_every == 0 and n < args.max_sac_steps:
+            if n % args.save_every == 0 and n < (stop_at or args.max_sac_steps):
                 save_state(n)
+            if stop_at is not None:
+                if n % args.eval_every == 0:
+                    print(f"SAC step {n}/{stop_at} (the kept snapshot's step)", flush=True)
+                return n < stop_at
             if n % args.eval_every:
                 return True
             actor = actor_from_sb3(self.model)
@@ -279,6 +285,12 @@ def train_sac(args, band, state_dir):
                   flush=True)
             return gap > 0  # stop inside the band
 
+    if stop_at is not None:
+        if n0 < stop_at:
+            model.learn(total_timesteps=stop_at - n0, callback=BandStop(), reset_num_timesteps=n0 == 0)
+        rec.close()
+        wall = state["wall_s"] + time.time() - save_state.t
+        return as_arrays(rec.cols, stop_at), dict(steps=stop_at, eval_return=None, sac_wall_s=wall)
     model.learn(total_timesteps=args.max_sac_steps - n0, callback=BandStop(), reset_num_timesteps=n0 == 0)
     best = state["best"]
     if best["gap"] > 0:
@@ -355,7 +367,11 @@ def main(args: Args):
     made = {}
     if need_sac:
         state_dir = stem.format("sac-state")
-        replay, record = train_sac(args, band, state_dir)
+        kept = load_snapshot(snapshot_path(args))[1] if os.path.isfile(snapshot_path(args)) else None
+        if kept is not None:
+            print(f"the kept snapshot ({snapshot_path(args)}) was taken at SAC step {kept['sac_steps']}: SAC runs to "
+                  "that step for medium-replay and leaves the snapshot as it is")
+        replay, record = train_sac(args, band, state_dir, stop_at=kept and kept["sac_steps"])
         print(f"SAC reached the snapshot at step {record['steps']} in {record['sac_wall_s'] / 60:.1f} min")
         if "medium-replay" in todo:
             write_d4rl(replay, paths["medium-replay"], dict(
