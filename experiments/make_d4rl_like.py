@@ -367,7 +367,9 @@ def main(args: Args):
     made = {}
     if need_sac:
         state_dir = stem.format("sac-state")
-        kept = load_snapshot(snapshot_path(args))[1] if os.path.isfile(snapshot_path(args)) else None
+        state_file = os.path.join(state_dir, "state.json")
+        unfinished = os.path.isfile(state_file) and json.load(open(state_file))["best"]["gap"] > 0  # nearest so far
+        kept = load_snapshot(snapshot_path(args))[1] if os.path.isfile(snapshot_path(args)) and not unfinished else None
         if kept is not None:
             print(f"the kept snapshot ({snapshot_path(args)}) was taken at SAC step {kept['sac_steps']}: SAC runs to "
                   "that step for medium-replay and leaves the snapshot as it is")
