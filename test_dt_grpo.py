@@ -1563,6 +1563,38 @@ def test_a_cell_or_prepare_step_runs_only_on_the_robots_and_cells_it_names(tmp_p
         sweep.select(g, cells=["walkr"])
 
 
+def test_a_prepare_step_runs_for_a_later_step_that_reads_its_output_and_not_otherwise(tmp_path, monkeypatch):
+    """GRPO-DT reads the checkpoint alone: its trials must not wait for data unless the checkpoint must be made."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import sweep
+
+    (tmp_path / "g.yaml").write_text(
+        "name: g\nenv_ids: [Hopper-v4]\nseeds: [1]\ncells: {grpo: {}, odt: {}}\nprepare:\n"
+        "  - {creates: 'data/{env_id}.h5', run: 'make data', cells: [odt]}\n"
+        "  - {creates: 'ck/{env_id}.pt', run: 'pretrain', cells: [grpo, odt], inputs: ['data/{env_id}.h5']}\n")
+    g = sweep.load_grid(str(tmp_path / "g.yaml"))
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+
+    def prep(cells, have):
+        for rel in ("data/Hopper-v4.h5", "ck/Hopper-v4.pt"):
+            f = tmp_path / rel
+            f.parent.mkdir(exist_ok=True)
+            f.write_text("x") if rel in have else f.unlink(missing_ok=True)
+        ran.clear()
+        sweep.prepare(g, "Hopper-v4", str(tmp_path), cells)
+        return list(ran)
+
+    assert prep({"grpo"}, have={"ck/Hopper-v4.pt"}) == []  # the checkpoint is there: no data for GRPO-DT
+    assert prep({"grpo"}, have=set()) == ["make data", "pretrain"]  # made for the checkpoint, in order
+    assert prep({"grpo"}, have={"data/Hopper-v4.h5"}) == ["pretrain"]
+    assert prep({"odt"}, have={"ck/Hopper-v4.pt"}) == ["make data"]  # ODT reads the data itself
+    (tmp_path / "bad.yaml").write_text("name: g\nenv_ids: [Hopper-v4]\nseeds: [1]\nprepare:\n"
+                                       "  - {run: 'x', inputs: 'data.h5'}\n")
+    with pytest.raises(sweep.GridError, match="`inputs` must be a list of paths"):
+        sweep.load_grid(str(tmp_path / "bad.yaml"))
+
+
 def test_every_committed_grid_names_real_scripts_and_flags_they_accept():
     """A misspelt flag in a grid fails only when its trial starts, hours into a sweep: parse them all now."""
     sys.path.insert(0, os.path.join(HERE, "experiments"))

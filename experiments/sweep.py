@@ -17,6 +17,7 @@ A grid file (YAML; see experiments/grids/):
     prepare:                         # shell commands run once per robot before its trials, unless `creates` exists
       - {creates: "checkpoints/{env_id}__random.pt", run: "python pretrain.py --env-id {env_id} --torch-threads 1"}
       - {creates: "...", run: "...", cells: [alive-keep]}   # a step only the named cells need
+      - {creates: "b", run: "...", inputs: ["a"]}          # the step that creates "a" runs first if "b" must be made
 
 Each trial is one process of its script with --torch-threads = --cpus-per-trial and its own run folder; its log
 is sweeps/<name>/<trial>.log. A failed trial is retried once, from its last checkpoint (--resume) when it left one.
@@ -95,8 +96,10 @@ def check_types(path, g):
     need(isinstance(g["prepare"], list), "`prepare` must be a list of {creates, run} steps")
     for step in g["prepare"]:
         need(isinstance(step, dict) and isinstance(step.get("run"), str)
-             and set(step) <= {"creates", "run", "env_ids", "cells"},
-             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`, `cells`) only")
+             and set(step) <= {"creates", "run", "env_ids", "cells", "inputs"},
+             f"prepare step {step!r} must be a mapping with `run` (and optionally `creates`, `env_ids`, `cells`, "
+             "`inputs`) only")
+        need(isinstance(step.get("inputs", []), list), f"prepare step {step['run']!r}: `inputs` must be a list of paths")
         need(set(step.get("cells", [])) <= set(g["cells"]) and not isinstance(step.get("cells", []), str),
              f"prepare step {step.get('creates', step['run'])!r}: `cells` must be a list of the grid's cells")
 
@@ -150,13 +153,21 @@ def last_checkpoint(trial, workdir):
 
 
 def prepare(g, env_id, workdir, cells):
-    """The prepare steps for this robot that the given cells need (a step naming `cells` is for those alone)."""
-    for step in g["prepare"]:
-        if env_id not in step.get("env_ids", [env_id]) or not set(step.get("cells", cells)) & set(cells):
+    """The prepare steps for this robot that the given cells need: a step naming `cells` is for those alone, and a
+    step also runs when a later step that runs lists its `creates` among its `inputs` (data are made only when a
+    checkpoint that is missing needs them, not for a cell that reads the checkpoint alone)."""
+    def path(p):
+        return p.format(env_id=env_id)
+
+    needed, wanted = [], set()
+    for step in reversed(g["prepare"]):  # the last steps first: they say which earlier outputs they read
+        creates = path(step.get("creates", ""))
+        if env_id not in step.get("env_ids", [env_id]) or (creates and os.path.exists(os.path.join(workdir, creates))):
             continue
-        creates = step.get("creates", "").format(env_id=env_id)
-        if creates and os.path.exists(os.path.join(workdir, creates)):
-            continue
+        if set(step.get("cells", cells)) & set(cells) or (creates and creates in wanted):
+            needed.insert(0, step)
+            wanted |= {path(p) for p in step.get("inputs", [])}
+    for step in needed:
         cmd = step["run"].format(env_id=env_id)
         print(f"[sweep] prepare: {cmd}", flush=True)
         if subprocess.run(cmd, shell=True, cwd=workdir).returncode != 0:
