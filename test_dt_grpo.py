@@ -1539,21 +1539,27 @@ def test_sweep_grid_types_and_nested_keys_are_checked_up_front(tmp_path, text, w
         sweep.load_grid(str(tmp_path / "g.yaml"))
 
 
-def test_a_cell_or_prepare_step_runs_only_on_the_robots_and_cells_it_names(tmp_path, monkeypatch):
+def grid_with_recorded_prepare(tmp_path, monkeypatch, text):
+    """(sweep module, the grid of `text`, the list that prepare's shell commands are recorded in instead of run)."""
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import sweep
 
-    (tmp_path / "g.yaml").write_text(
+    (tmp_path / "g.yaml").write_text(text)
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    return sweep, sweep.load_grid(str(tmp_path / "g.yaml")), ran
+
+
+def test_a_cell_or_prepare_step_runs_only_on_the_robots_and_cells_it_names(tmp_path, monkeypatch):
+    sweep, g, ran = grid_with_recorded_prepare(
+        tmp_path, monkeypatch,
         "name: g\nenv_ids: [Hopper-v4, Walker2d-v4]\nseeds: [1, 2]\ncells:\n  all: {}\n"
         "  walker: {env_ids: [Walker2d-v4], lr: 1}\nprepare:\n  - {run: 'echo h', env_ids: [Hopper-v4]}\n"
         "  - {run: 'echo both'}\n  - {run: 'echo for walker', cells: [walker]}\n")
-    g = sweep.load_grid(str(tmp_path / "g.yaml"))
     ids = [t["id"] for t in sweep.trials(g)]
     assert ids == ["Hopper-v4__all__seed1", "Hopper-v4__all__seed2", "Walker2d-v4__all__seed1",
                    "Walker2d-v4__all__seed2", "Walker2d-v4__walker__seed1", "Walker2d-v4__walker__seed2"]
     assert "--env-ids" not in sweep.trials(g)[-1]["cmd"]
-    ran = []
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     sweep.prepare(g, "Walker2d-v4", str(tmp_path), {"all", "walker"})
     sweep.prepare(g, "Walker2d-v4", str(tmp_path), {"all"})  # a sweep of --cells all skips the walker cell's step
     assert ran == ["echo both", "echo for walker", "echo both"]
@@ -1565,16 +1571,11 @@ def test_a_cell_or_prepare_step_runs_only_on_the_robots_and_cells_it_names(tmp_p
 
 def test_a_prepare_step_runs_for_a_later_step_that_reads_its_output_and_not_otherwise(tmp_path, monkeypatch):
     """GRPO-DT reads the checkpoint alone: its trials must not wait for data unless the checkpoint must be made."""
-    sys.path.insert(0, os.path.join(HERE, "experiments"))
-    import sweep
-
-    (tmp_path / "g.yaml").write_text(
+    sweep, g, ran = grid_with_recorded_prepare(
+        tmp_path, monkeypatch,
         "name: g\nenv_ids: [Hopper-v4]\nseeds: [1]\ncells: {grpo: {}, odt: {}}\nprepare:\n"
         "  - {creates: 'data/{env_id}.h5', run: 'make data', cells: [odt]}\n"
         "  - {creates: 'ck/{env_id}.pt', run: 'pretrain', cells: [grpo, odt], inputs: ['data/{env_id}.h5']}\n")
-    g = sweep.load_grid(str(tmp_path / "g.yaml"))
-    ran = []
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
 
     def prep(cells, have):
         for rel in ("data/Hopper-v4.h5", "ck/Hopper-v4.pt"):
