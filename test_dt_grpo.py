@@ -1473,6 +1473,20 @@ def test_d4rl_like_data_have_the_layout_and_states_reproduce_observations(tmp_pa
     assert (tmp_path / "beh" / "Hopper-v4__seed1.pt").read_bytes() == snap
     with h5py.File(replay, "r") as f:  # the same seeded SAC on the same CPU: the same log, bit for bit
         assert f.attrs["sac_steps"] == 200 and all(np.array_equal(f[k][()], v) for k, v in first.items())
+    # a new machine with the nearest-so-far snapshot of a SAC run that did not finish (its state lost with the
+    # machine): `medium` must not be collected from it; SAC runs again and marks its own snapshot final
+    snap = torch.load(tmp_path / "beh" / "Hopper-v4__seed1.pt", weights_only=True)
+    assert snap["final"] is True  # SAC stopped in the band
+    os.makedirs(tmp_path / "beh2")
+    torch.save(dict(snap, final=False, sac_steps=50, eval_return=7.0), tmp_path / "beh2" / "Hopper-v4__seed1.pt")
+    p = run("experiments/make_d4rl_like.py", "--datasets", "medium", "--data-dir", "data2", "--behaviour-dir", "beh2",
+            "--max-sac-steps", "200", "--eval-every", "100", "--learning-starts", "100", "--collect-steps", "300",
+            "--eval-episodes", "1", "--band", "-1000", "100000", "--min-speed", "-9", "--confirm-episodes", "1",
+            cwd=tmp_path)
+    assert "did not finish (step 50, return 7) and its state is gone: SAC runs again" in p.stdout
+    assert "sampled-action return" in p.stdout and "medium: 300 transitions" in p.stdout
+    snap = torch.load(tmp_path / "beh2" / "Hopper-v4__seed1.pt", weights_only=True)
+    assert snap["final"] is True and snap["sac_steps"] == 100
 
 
 # ---------------------------------------------------------------------------------------------------

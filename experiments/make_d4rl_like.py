@@ -6,7 +6,8 @@ a randomly initialised policy. Here SAC trains until an evaluation **with sample
 `medium` data themselves) lands within ±10% of D4RL's medium mean return and moves forward. The snapshot's actor
 (about 300 KB) is kept in the repository (`experiments/behaviour/`), so that `medium` and `random` regenerate in
 minutes on a new machine without SAC; only `medium-replay` needs the SAC run again. SAC's state is saved every
---save-every steps, and a killed run continues where it stopped. All files are D4RL v2 HDF5 with infos/qpos and
+--save-every steps, and a killed run continues where it stopped; the snapshot it keeps meanwhile is marked
+unfinished and never makes `medium` (on a new machine without SAC's state, SAC runs again). All files are D4RL v2 HDF5 with infos/qpos and
 infos/qvel, which `pretrain.py --dataset PATH` reads unchanged.
 
     pip install -r experiments/requirements.txt
@@ -293,6 +294,7 @@ def train_sac(args, band, state_dir, stop_at=None):
         return as_arrays(rec.cols, stop_at), dict(steps=stop_at, eval_return=None, sac_wall_s=wall)
     model.learn(total_timesteps=args.max_sac_steps - n0, callback=BandStop(), reset_num_timesteps=n0 == 0)
     best = state["best"]
+    write_snapshot(args, dict(load_snapshot(snapshot_path(args))[1], final=True))  # SAC is done: the snapshot stands
     if best["gap"] > 0:
         print(f"warning: no evaluation landed in the band {band} by {args.max_sac_steps} SAC steps; keeping the "
               f"nearest one (step {best['steps']}, return {best['eval_return']:.0f})", file=sys.stderr)
@@ -301,10 +303,15 @@ def train_sac(args, band, state_dir, stop_at=None):
     return as_arrays(rec.cols, best["steps"]), dict(best, sac_wall_s=wall)
 
 
-def save_snapshot(args, actor, record):
+def save_snapshot(args, actor, record, final=False):
+    """The actor nearest to the band so far; `final` once SAC has stopped (only a final snapshot makes `medium`)."""
     snap = dict(actor=actor.state_dict(), obs_dim=actor.latent_pi[0].in_features, act_dim=actor.mu.out_features,
                 env_id=args.env_id, seed=args.seed, sac_steps=record["steps"], eval_return=record["eval_return"],
-                eval_speed=record["eval_speed"])
+                eval_speed=record["eval_speed"], final=final)
+    write_snapshot(args, snap)
+
+
+def write_snapshot(args, snap):
     os.makedirs(args.behaviour_dir, exist_ok=True)
     tmp = snapshot_path(args) + f".tmp{os.getpid()}"
     torch.save(snap, tmp)
@@ -340,6 +347,20 @@ def check_digest(name, arrays, snap, key):
     return d
 
 
+def kept_snapshot(args, state_dir):
+    """The snapshot record if SAC finished it (the committed one), else None. A snapshot saved while SAC ran is only
+    the nearest so far: beside SAC's unfinished state SAC resumes; without it (a new machine) SAC runs again."""
+    if not os.path.isfile(snapshot_path(args)):
+        return None
+    snap = load_snapshot(snapshot_path(args))[1]
+    if snap.get("final", True):  # the snapshots committed before `final` existed are all final
+        return snap
+    if not os.path.isfile(os.path.join(state_dir, "state.json")):
+        print(f"{snapshot_path(args)} is from a SAC run that did not finish (step {snap['sac_steps']}, return "
+              f"{snap['eval_return']:.0f}) and its state is gone: SAC runs again from the start")
+    return None
+
+
 def main(args: Args):
     check_ranges(args, dict(max_sac_steps=1, eval_every=1, eval_episodes=1, confirm_episodes=1, save_every=1,
                             collect_steps=1, learning_starts=0, torch_threads=1), positive=())
@@ -357,7 +378,8 @@ def main(args: Args):
     todo = [name for name in args.datasets if not os.path.isfile(paths[name])]
     for name in set(args.datasets) - set(todo):
         print(f"cached: {paths[name]}")
-    need_sac = "medium-replay" in todo or ("medium" in todo and not os.path.isfile(snapshot_path(args)))
+    kept = kept_snapshot(args, stem.format("sac-state"))
+    need_sac = "medium-replay" in todo or ("medium" in todo and kept is None)
     if need_sac:
         check_writable(args.behaviour_dir)
         try:
@@ -368,8 +390,6 @@ def main(args: Args):
     if need_sac:
         state_dir = stem.format("sac-state")
         state_file = os.path.join(state_dir, "state.json")
-        unfinished = os.path.isfile(state_file) and json.load(open(state_file))["best"]["gap"] > 0  # nearest so far
-        kept = load_snapshot(snapshot_path(args))[1] if os.path.isfile(snapshot_path(args)) and not unfinished else None
         if kept is not None:
             print(f"the kept snapshot ({snapshot_path(args)}) was taken at SAC step {kept['sac_steps']}: SAC runs to "
                   "that step for medium-replay and leaves the snapshot as it is")
@@ -405,7 +425,7 @@ def main(args: Args):
             d = check_digest(name, arrays, snap, key)
             if key not in snap:  # the first dataset made from this snapshot: record its digest with it
                 snap[key] = d
-                torch.save(snap, snapshot_path(args))
+                write_snapshot(args, snap)
         write_d4rl(arrays, paths[name], attrs)
         print(f"{name}: {args.collect_steps} transitions -> {paths[name]} ({time.time() - t0:.0f} s)")
         made[name] = arrays
