@@ -7,8 +7,8 @@ a randomly initialised policy. Here SAC trains until an evaluation **with sample
 (about 300 KB) is kept in the repository (`experiments/behaviour/`), so that `medium` and `random` regenerate in
 minutes on a new machine without SAC; only `medium-replay` needs the SAC run again. SAC's state is saved every
 --save-every steps, and a killed run continues where it stopped; the snapshot it keeps meanwhile is marked
-unfinished and never makes `medium` (on a new machine without SAC's state, SAC runs again). All files are D4RL v2 HDF5 with infos/qpos and
-infos/qvel, which `pretrain.py --dataset PATH` reads unchanged.
+unfinished and never makes `medium` (on a new machine without SAC's state, SAC runs again). All files are D4RL
+v2 HDF5 with infos/qpos and infos/qvel, which `pretrain.py --dataset PATH` reads unchanged.
 
     pip install -r experiments/requirements.txt
     python experiments/make_d4rl_like.py --env-id Hopper-v4
