@@ -303,11 +303,12 @@ def train_sac(args, band, state_dir, stop_at=None):
     return as_arrays(rec.cols, best["steps"]), dict(best, sac_wall_s=wall)
 
 
-def save_snapshot(args, actor, record, final=False):
-    """The actor nearest to the band so far; `final` once SAC has stopped (only a final snapshot makes `medium`)."""
+def save_snapshot(args, actor, record):
+    """The actor nearest to the band so far, not final until SAC stops (train_sac marks it; only a final one makes
+    `medium`)."""
     snap = dict(actor=actor.state_dict(), obs_dim=actor.latent_pi[0].in_features, act_dim=actor.mu.out_features,
                 env_id=args.env_id, seed=args.seed, sac_steps=record["steps"], eval_return=record["eval_return"],
-                eval_speed=record["eval_speed"], final=final)
+                eval_speed=record["eval_speed"], final=False)
     write_snapshot(args, snap)
 
 
@@ -389,7 +390,6 @@ def main(args: Args):
     made = {}
     if need_sac:
         state_dir = stem.format("sac-state")
-        state_file = os.path.join(state_dir, "state.json")
         if kept is not None:
             print(f"the kept snapshot ({snapshot_path(args)}) was taken at SAC step {kept['sac_steps']}: SAC runs to "
                   "that step for medium-replay and leaves the snapshot as it is")
