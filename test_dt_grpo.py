@@ -1893,6 +1893,7 @@ def test_odt_td3_critic_warm_up_in_chunks_is_the_one_call_and_prints_progress(ti
     odt_td3.main(infra_run.parse_args(odt_td3.Args, [*argv, "--critic-cache", "cut.pt"]))
     out = capsys.readouterr().out
     assert "critic warm-up: 2/5 steps" in out and "critic warm-up: 4/5 steps" in out and "ETA" in out
+    assert re.search(r"4/5 steps, loss [0-9.]+, Q1 -?[0-9.]+ ", out)  # the critic's value along the way
     whole, cut = torch.load("whole.pt", weights_only=False), torch.load("cut.pt", weights_only=False)
     for part in ("critic", "critic_targ"):
         for k, v in whole[part].items():

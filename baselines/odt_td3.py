@@ -215,8 +215,8 @@ def warm_up_critic(args, run, offline, model, model_targ, critic, critic_targ, c
         logs = td3_updates(model, model_targ, critic, critic_targ, critic_opt, sampler, n, args, run.device)
         done += n
         rate = done / (time.time() - t0)
-        print(f"critic warm-up: {done}/{total} steps, loss {logs[0].item():.3f} ({rate:.1f} steps/s, "
-              f"ETA {(total - done) / rate:.0f} s)", flush=True)
+        print(f"critic warm-up: {done}/{total} steps, loss {logs[0].item():.3f}, Q1 {logs[1].item():.1f} "
+              f"({rate:.1f} steps/s, ETA {(total - done) / rate:.0f} s)", flush=True)
     print(f"critic warm-up: {args.critic_warmup_steps} steps on the offline data, loss {logs[0].item():.3f}, "
           f"Q1 {logs[1].item():.1f} ({time.time() - t0:.0f} s)", flush=True)
     if args.critic_cache:
