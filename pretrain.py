@@ -541,7 +541,7 @@ def train_and_save(args, model, optimizer, scheduler, log_temp, temp_optimizer, 
             if not torch.isfinite(loss):  # checked when logging: one host sync per --log-every steps
                 raise UserError(f"the pretraining loss became non-finite by step {step}; lower --learning-rate or "
                                 "check the data. Nothing was written.")
-            sps = step / (time.time() - t_start)
+            sps = (step - step0) / (time.time() - t_start)  # this process's steps: a --resume starts at step0
             for name, value in [("losses/nll", nll.item()), ("losses/entropy", entropy.item()),
                                 ("losses/temperature", log_temp.exp().item()), ("charts/grad_steps_per_s", sps)]:
                 writer.add_scalar(name, value, step)
