@@ -84,6 +84,8 @@ class Args:
     """after warm-up, a cosine decay to this fraction of the rate at the last step (quick 1: constant; converged 0.1)"""
     max_grad_norm: float = 0.25
     """gradient-norm clip"""
+    windows: Optional[Literal["inside", "padded"]] = None
+    """windows start inside episodes (DT's, ODT's) or up to K-1 steps before (quick inside; converged padded)"""
     init_temperature: float = 0.1
     """initial entropy temperature (lambda in ODT's Lagrangian)"""
     temperature_lr: float = 1e-4
@@ -296,10 +298,13 @@ def returns_to_go(rewards, gamma=1.0):
 
 class WindowSampler:
     """Random K-step windows: episodes drawn with probability proportional to their length, a uniform start
-    inside the episode; steps past the episode's end are padding (valid = False)."""
+    inside the episode; steps past the episode's end are padding (valid = False). With padded=True a window may
+    also start up to K - 1 steps before the episode (those steps are padding too), so that every step is the
+    last real step of a window equally often; inside the episode (DT's and ODT's sampler) a step t < K - 1 is
+    (t + 1)/K as often, and the start state, which a rollout's first action sees alone, 1/K as often."""
 
-    def __init__(self, eps, K, reward_scale, obs_mean, obs_std, max_ep_len, seed):
-        self.K, self.rng = K, np.random.default_rng(seed)
+    def __init__(self, eps, K, reward_scale, obs_mean, obs_std, max_ep_len, seed, padded=False):
+        self.K, self.rng, self.padded = K, np.random.default_rng(seed), padded
         self.lens = np.array([len(e["rewards"]) for e in eps])
         self.starts = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
         self.obs = ((np.concatenate([e["observations"] for e in eps]) - obs_mean) / obs_std).astype(np.float32)
@@ -308,10 +313,12 @@ class WindowSampler:
         self.t = np.minimum(np.concatenate([np.arange(n) for n in self.lens]), max_ep_len - 1)
 
     def sample(self, batch_size):
-        ep = self.rng.choice(len(self.lens), size=batch_size, p=self.lens / self.lens.sum())
-        offset = (self.rng.random(batch_size) * self.lens[ep]).astype(np.int64)[:, None] + np.arange(self.K)
-        valid = offset < self.lens[ep][:, None]
-        idx = self.starts[ep][:, None] + np.minimum(offset, self.lens[ep][:, None] - 1)
+        pad = self.K - 1 if self.padded else 0  # possible starts per episode: its length, plus K - 1 if padded
+        ep = self.rng.choice(len(self.lens), size=batch_size, p=(self.lens + pad) / (self.lens + pad).sum())
+        offset = (self.rng.random(batch_size) * (self.lens[ep] + pad)).astype(np.int64)[:, None] - pad
+        offset = offset + np.arange(self.K)  # (B, K): each window's steps in its episode
+        valid = (offset >= 0) & (offset < self.lens[ep][:, None])
+        idx = self.starts[ep][:, None] + np.clip(offset, 0, self.lens[ep][:, None] - 1)
         return dict(rtg=self.rtg[idx][..., None], states=self.obs[idx], actions=self.act[idx], timesteps=self.t[idx],
                     valid=valid)
 
@@ -319,8 +326,10 @@ class WindowSampler:
 # ---------------------------------------------------------------------------------------------------
 # Pretraining: NLL + entropy temperature (ODT's recipe)
 # ---------------------------------------------------------------------------------------------------
-RECIPES = {"quick": dict(num_steps=2000, batch_size=64, warmup_steps=300, min_lr_ratio=1.0, eval_every=0),
-           "converged": dict(num_steps=5000, batch_size=256, warmup_steps=1000, min_lr_ratio=0.1, eval_every=500)}
+RECIPES = {"quick": dict(num_steps=2000, batch_size=64, warmup_steps=300, min_lr_ratio=1.0, eval_every=0,
+                         windows="inside"),
+           "converged": dict(num_steps=5000, batch_size=256, warmup_steps=1000, min_lr_ratio=0.1, eval_every=500,
+                             windows="padded")}
 
 
 def lr_factor(step, args: Args):
@@ -403,7 +412,8 @@ def main(args: Args):
           f"(max {ep_ret.max():.1f})")
     with np.errstate(over="ignore"):
         steps = args.n_layer * args.context_len + 1 if args.attention == "band" else args.context_len
-        sampler = WindowSampler(eps, steps, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed)
+        sampler = WindowSampler(eps, steps, args.reward_scale, obs_mean, obs_std, args.max_ep_len, args.seed,
+                                padded=args.windows == "padded")
     if not np.isfinite(sampler.rtg).all():
         raise UserError(f"--reward-scale {args.reward_scale} makes the returns-to-go overflow; use a scale near "
                         "1/(a typical return), e.g. 0.001.")

@@ -263,6 +263,30 @@ def test_window_sampler_rtg_timesteps_and_padding():
             np.testing.assert_allclose(b["states"][i, :n], eps[0]["observations"][t0 : t0 + n])
 
 
+def test_padded_windows_make_every_step_a_target_equally_often():
+    """--windows padded (the converged recipe): windows may start K-1 steps before an episode, so that every step of
+    every episode is a real token of exactly K windows; inside the episode (DT's and ODT's sampler) the start state
+    is in 1 window of K, so it is the target 1/K as often: what left Walker2d-v4's medium DT unable to take a first
+    step. Episodes of 3 and 5 steps, K 3: 12 possible windows, each step in 3."""
+    eps = [dict(observations=np.arange(n, dtype=np.float32)[:, None] + 10 * e, actions=np.zeros((n, 1), np.float32),
+                rewards=np.ones(n)) for e, n in enumerate([3, 5])]
+    counts = {}
+    for padded in (True, False):
+        s = pretrain.WindowSampler(eps, K=3, reward_scale=1.0, obs_mean=np.zeros(1), obs_std=np.ones(1),
+                                   max_ep_len=1000, seed=0, padded=padded)
+        b = s.sample(24_000)
+        v = b["valid"]
+        first, last = v.argmax(1), 2 - v[:, ::-1].argmax(1)
+        assert (v.sum(1) == last - first + 1).all()  # the real steps are contiguous: padding before and after
+        obs, t = b["states"][..., 0], b["timesteps"]
+        np.testing.assert_array_equal((obs % 10)[v], t[v])  # each real token is the step its timestep names
+        np.testing.assert_array_equal(b["rtg"][..., 0][v], np.where(obs >= 10, 5.0, 3.0)[v] - t[v])
+        counts[padded] = np.array([((obs == 10 * e + k) & v).sum() for e, n in enumerate([3, 5]) for k in range(n)])
+    np.testing.assert_allclose(counts[True] / 24_000, 3 / 12, rtol=0.05)  # 8 steps, each in 3 of the 12 windows
+    ep_b = counts[False][3:] / 24_000  # inside: 8 windows; step k < 2 of an episode is in k + 1 of them
+    np.testing.assert_allclose(ep_b, np.array([1, 2, 3, 3, 3]) / 8, rtol=0.05)
+
+
 def write_d4rl(path, obs_dim=11, act_dim=3, ends=(4, 9), n=12, qpos=True):
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
@@ -894,10 +918,10 @@ def test_an_interrupted_pretraining_resumes_exactly_and_keeps_its_curve(tmp_path
     rows = [ln.split(" | ") for ln in (tmp_path / "pc.md").read_text().splitlines() if ln.startswith("| whole")
             or ln.startswith("| cut")]
     y = [p["normalized"] for p in whole["pretrain_curve"]]
-    assert rows[0][1] == "8 of 8 × 8 × 10" and rows[0][3] == "2" and rows[0][4] == f"{y[-1]:.1f}"
+    assert rows[0][1] == "8 of 8 × 8 × 10, padded" and rows[0][3] == "2" and rows[0][4] == f"{y[-1]:.1f}"
     assert rows[0][2] == "adamw, 0.0003, cosine to 0.1×"  # the converged recipe's schedule
     assert rows[0][5] == f"{max(y):.1f}" and rows[0][-1] == "yes |"
-    assert rows[1][1] == "4 of 8 × 8 × 10" and rows[1][4] == f"{y[0]:.1f}" and rows[1][-1] == "running |"
+    assert rows[1][1] == "4 of 8 × 8 × 10, padded" and rows[1][4] == f"{y[0]:.1f}" and rows[1][-1] == "running |"
     assert (tmp_path / "pc.png").is_file()
     with pytest.raises(dt_grpo.UserError, match="--resume to continue"):
         pretrain_tiny(tmp_path, "cut.pt", **kw)

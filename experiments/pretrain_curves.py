@@ -46,12 +46,12 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output path without extension (.md and .png are written)")
     a = p.parse_args(argv)
     rows = [load_curve(path) for path in a.paths]
-    lines = ["| checkpoint | steps × batch × K | optimizer, lr after warm-up | points | last | best | last 3 − 3 before | "
+    lines = ["| checkpoint | steps × batch × K, windows | optimizer, lr after warm-up | points | last | best | last 3 − 3 before | "
              "wall (min) | done |", "|---|---|---|---|---|---|---|---|---|"]
     for label, curve, args, done in rows:
         y = [q["normalized"] for q in curve]
         lines.append(f"| {label} | {curve[-1]['step']:,} of {args['num_steps']:,} × {args['batch_size']} × "
-                     f"{args['context_len']} | "
+                     f"{args['context_len']}, {args.get('windows') or 'inside'} | "  # older checkpoints: inside
                      f"{args['optimizer']}, {args['learning_rate']:g}{schedule(args)} | {len(curve)} | {y[-1]:.1f} | "
                      f"{max(y):.1f} | "
                      f"{flat(curve):+.1f} | {curve[-1]['wall_s'] / 60:.0f} | {'yes' if done else 'running'} |")
