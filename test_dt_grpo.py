@@ -2217,6 +2217,25 @@ def test_rtg_sweep_reports_the_evaluation_of_each_rtg_on_the_same_start_states(t
     assert rtg_sweep.main(["nope.pt"]) == 2 and "not found" in capsys.readouterr().err
 
 
+def test_first_steps_hand_over_with_no_behaviour_steps_is_the_evaluation(tiny_ckpt, tmp_path, capsys):
+    """experiments/first_steps.py builds the rollout's context by hand (the real steps up to t, at most K, the RTG
+    falling by each scaled reward): with the behaviour policy taking no step it must replay dt_grpo.evaluate."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import first_steps
+
+    ckpt = torch.load(tiny_ckpt, weights_only=False)
+    model, norm = dt_grpo.load_policy(ckpt)
+    lanes = dt_grpo.Lanes("Hopper-v4", 2)
+    want, want_len, _ = dt_grpo.evaluate(model, lanes, norm, ckpt["reward_scale"], 3600, seed=5)
+    lanes.close()
+    got, got_len = first_steps.hand_over(model, norm, "Hopper-v4", None, 0, 3600, ckpt["reward_scale"], 2, seed=5)
+    np.testing.assert_array_equal(got_len, want_len)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float bits apart; the RTG held still: 6e-6
+    assert first_steps.main([tiny_ckpt, "--dataset", str(tmp_path / "none.hdf5")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and len(err.strip().splitlines()) == 1
+
+
 def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import report
