@@ -1775,6 +1775,14 @@ def test_lamb_takes_odts_step_on_a_hand_example(wd, rtol):
 
 def test_odt_learning_rate_warms_up_across_pretraining_and_finetuning():
     args = odt.Args()
+    odt.check_args(args)  # unset step size and decay: the robot's recipe (Hopper: ODT's)
+    assert (args.learning_rate, args.weight_decay) == (1e-4, 5e-4)
+    walker = odt.Args(env_id="Walker2d-v4")
+    odt.check_args(walker)  # the ODT+TD3 authors' walker2d command, for both baselines
+    assert (walker.learning_rate, walker.weight_decay) == (1e-3, 1e-3)
+    given = odt_td3.Args(env_id="Walker2d-v4", learning_rate=2e-4)
+    odt_td3.check_args(given)
+    assert (given.learning_rate, given.weight_decay) == (2e-4, 1e-3)  # a flag given wins
     assert odt.odt_lr(0, args, 5000) == pytest.approx(1e-4 * 5001 / 10000)  # ODT: LambdaLR stepped 5k times already
     assert odt.odt_lr(4998, args, 5000) == pytest.approx(1e-4 * 9999 / 10000)
     assert odt.odt_lr(4999, args, 5000) == odt.odt_lr(10**6, args, 5000) == pytest.approx(1e-4)
@@ -1785,14 +1793,17 @@ def test_odt_learning_rate_warms_up_across_pretraining_and_finetuning():
     pre.step()
     ckpt = dict(args=dict(num_steps=7), pretrain_optimizer=dict(name="lamb", steps=7, state=pre.state_dict()))
     a = odt.Args()
+    odt.check_args(a)
     opt = odt.online_optimizer(model, a, ckpt)
     assert a.warmup_offset == 7  # from the checkpoint, and recorded in the run's flags for --resume
     first = next(iter(model.parameters()))
     torch.testing.assert_close(opt.state[first]["exp_avg"], pre.state[first]["exp_avg"])  # LAMB's moments continue
     b = odt.Args(optimizer="adamw")
+    odt.check_args(b)
     assert not odt.online_optimizer(model, b, ckpt).state and b.warmup_offset == 7  # another optimizer starts afresh
     adamw = dict(args=dict(num_steps=5), pretrain_optimizer=dict(name="adamw", steps=5, state=None))  # pretrain.py's
     c = odt.Args(optimizer="adamw")
+    odt.check_args(c)
     assert not odt.online_optimizer(model, c, adamw).state and c.warmup_offset == 5  # an AdamW pretraining keeps none
 
 

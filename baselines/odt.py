@@ -51,10 +51,10 @@ class Args(dt_grpo.RunArgs):
     """trajectories in the replay (ODT: 1000): the best offline ones at the start, then first in, first out"""
     optimizer: Literal["lamb", "adamw"] = "lamb"
     """the DT's optimizer (ODT: LAMB); LAMB moments saved by a LAMB pretraining are continued"""
-    learning_rate: float = 1e-4
-    """learning rate after the warm-up (ODT: 1e-4)"""
-    weight_decay: float = 5e-4
-    """weight decay (ODT: 5e-4)"""
+    learning_rate: Optional[float] = None
+    """learning rate after the warm-up (default ODT's 1e-4; Walker2d 1e-3, the ODT+TD3 authors' walker2d command)"""
+    weight_decay: Optional[float] = None
+    """weight decay (default ODT's 5e-4; Walker2d 1e-3, the ODT+TD3 authors' walker2d command)"""
     warmup_steps: int = 10_000
     """linear learning-rate warm-up over the gradient steps of pretraining and finetuning together (ODT: 10k)"""
     warmup_offset: Optional[int] = None
@@ -67,7 +67,16 @@ class Args(dt_grpo.RunArgs):
     """Adam learning rate of the temperature (ODT: 1e-4); its target entropy is -act_dim"""
 
 
+# The step size and weight decay per robot where the authors' commands name them (ODT+TD3's README runs ODT and
+# ODT+TD3 on walker2d with the same flags, one switch apart); elsewhere ODT's defaults.
+ROBOT_RECIPES = {"walker2d": dict(learning_rate=1e-3, weight_decay=1e-3)}
+ODT_DEFAULTS = dict(learning_rate=1e-4, weight_decay=5e-4)
+
+
 def check_args(args: Args):
+    for k, v in dict(ODT_DEFAULTS, **ROBOT_RECIPES.get(dt_grpo.robot(args.env_id), {})).items():
+        if getattr(args, k) is None:  # unset: the robot's recipe, recorded in the run's flags as it ran
+            setattr(args, k, v)
     check_ranges(args, dict(eval_every=1, eval_episodes=1, num_online_rollouts=1, updates_per_iter=1,
                                     batch_size=1, replay_size=1, total_env_steps=1, torch_threads=0, weight_decay=0,
                                     seed=0, sim_workers=0, warmup_steps=1, warmup_offset=0, rollout_context=1),
