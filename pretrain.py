@@ -299,8 +299,8 @@ def returns_to_go(rewards, gamma=1.0):
 class WindowSampler:
     """Random K-step windows: episodes drawn with probability proportional to their length, a uniform start
     inside the episode; steps past the episode's end are padding (valid = False). With padded=True a window may
-    also start up to K - 1 steps before the episode (those steps are padding too), so that every step is the
-    last real step of a window equally often; inside the episode (DT's and ODT's sampler) a step t < K - 1 is
+    also start up to K - 1 steps before the episode (those steps are padding too), so that every step is a real
+    token (a target) of exactly K of the windows; inside the episode (DT's and ODT's sampler) a step t < K - 1 is
     (t + 1)/K as often, and the start state, which a rollout's first action sees alone, 1/K as often."""
 
     def __init__(self, eps, K, reward_scale, obs_mean, obs_std, max_ep_len, seed, padded=False):
