@@ -2247,6 +2247,27 @@ def test_first_steps_hand_over_with_no_behaviour_steps_is_the_evaluation(tiny_ck
     assert "not found" in err and len(err.strip().splitlines()) == 1
 
 
+def test_null_advantage_shuffles_within_groups_and_changes_only_the_update(tiny_ckpt, tmp_path):
+    """experiments/null_advantage.py: each group's advantages in a random order (the same values, so the same step
+    size), never mixed across groups; the run is dt_grpo.py's until the first update and differs after it."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import null_advantage
+
+    adv = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 0.0, 5.0, 10.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = [null_advantage.shuffle_within_groups(adv, gen) for _ in range(20)]
+    for d in draws:
+        torch.testing.assert_close(d.sort(dim=1).values, adv)  # a permutation of each row, rows kept apart
+    assert any(not torch.equal(d, adv) for d in draws)
+    assert len({tuple(d[0].tolist()) for d in draws}) > 3
+    cmd = ["--checkpoint", tiny_ckpt, "--total-env-steps", "200", *TINY_ONLINE]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    real = last_eval(run("dt_grpo.py", *cmd, cwd=tmp_path / "a").stdout)
+    null = last_eval(run("experiments/null_advantage.py", *cmd, cwd=tmp_path / "b").stdout)
+    assert real[0] == null[0] and len(real) == len(null) >= 3  # iteration 0: the pretrained policy, no update yet
+    assert real[1:] != null[1:]
+
+
 def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import report
